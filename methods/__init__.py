@@ -1,0 +1,1 @@
+"""Built-in method plugins, one file each; every module here registers itself on import."""

@@ -1,0 +1,99 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685): a frozen linear plus a trainable rank-r update.
+
+    h = W0 x + s * B (A drop(x)),   s = alpha / r,   A: [r, d_in] kaiming-uniform,  B: [d_out, r] = 0
+
+Trainable parameters per targeted linear: r * (d_in + d_out). Mergeable: W0 + s * B @ A gives the
+same function with no extra latency. Numerically the same as peft's LoRA for the same weights
+(a test loads identical A, B into both). Default targets are all seven linears, as the MoE
+papers' LoRA baselines use; `target_modules=q_proj,v_proj` gives the original paper's setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moebench.components import ALL_LINEARS, init_lora_factors, make_dropout, suffix
+from moebench.config import check, doc
+from moebench.method import METHODS, AdapterLayer, BatchContext, Method, ModelShapes
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = doc("rank r of the update B @ A", 16)
+    alpha: float = doc("scale numerator: the update is multiplied by alpha / rank", 32.0)
+    dropout: float = doc("dropout on the adapter's input (the frozen path sees the raw x)", 0.05)
+    target_modules: tuple[str, ...] = doc(
+        "module-name suffixes to adapt (comma-separated on the CLI)", ALL_LINEARS
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rank={self.rank} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            problems.append("target_modules is empty; name at least one linear, e.g. q_proj")
+        check(problems, "lora")
+
+
+class LoRALinear(AdapterLayer):
+    mergeable = True
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A, self.lora_B = init_lora_factors(rank, base.in_features, base.out_features)
+        self.scaling = alpha / rank
+        self.dropout = make_dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # [.., r]
+        return out + (h @ self.lora_B.t()).to(out.dtype) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+class LoRA(Method):
+    name = "lora"
+    help = "LoRA: one rank-r update per targeted linear (Hu et al. 2021)."
+    config_cls = LoRAConfig
+
+    def adapt_module(
+        self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
+    ) -> nn.Module | None:
+        if isinstance(module, nn.Linear) and suffix(qualified_name) in config.target_modules:
+            return LoRALinear(module, config.rank, config.alpha, config.dropout)
+        return None
+
+    def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
+        per_layer = sum(
+            config.rank * (s.d_in + s.d_out)
+            for name, s in shapes.linears.items()
+            if name in config.target_modules
+        )
+        return shapes.num_layers * per_layer
+
+
+METHODS.add(LoRA.name, LoRA())

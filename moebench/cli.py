@@ -1,0 +1,284 @@
+"""The `moebench` command line: parsing and display only; the work lives in the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from moebench.config import field_help, load_file, parse_sets
+from moebench.errors import MoebenchError
+
+app = typer.Typer(
+    help="moebench: one harness for LoRA mixture-of-experts methods.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+runs_app = typer.Typer(help="List and inspect stored runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+console = Console()
+err = Console(stderr=True)
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL or SQLite path [env MOEBENCH_DB; default sqlite:///results/moebench.db].")]
+
+
+class ProgressObserver:
+    """Rich progress bars for training (loss, lr, tokens/s) and for each eval set."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.train_bar: Any = None
+        self.eval_bar: Any = None
+
+    def started(self, run_id: int, info: dict[str, Any]) -> None:
+        pct = 100 * info["trainable"] / max(info["total"], 1)
+        resumed = f", resuming from {info['resume_from']}" if info["resume_from"] else ""
+        self.progress.console.print(
+            f"[bold]run {run_id}[/]: {info['model']} on {info['device']}, "
+            f"{info['trainable']:,} trainable / {info['total']:,} parameters ({pct:.3f}%), "
+            f"{info['rows']} training rows{resumed}\n  output: {info['output_dir']}"
+        )
+
+    def step(self, s: Any) -> None:
+        if self.train_bar is None:
+            self.train_bar = self.progress.add_task("train", total=s.total_steps)
+        aux = "".join(f" {k} {v:.4f}" for k, v in s.aux.items())
+        self.progress.update(
+            self.train_bar, completed=s.step,
+            description=f"train [{s.phase}] loss {s.loss:.4f}{aux} lr {s.lr:.2e} "
+                        f"{s.tokens_per_s:,.0f} tok/s",
+        )
+
+    def eval_started(self, task: str, n: int) -> None:
+        self.eval_bar = self.progress.add_task(f"eval {task}", total=n)
+
+    def eval_progress(self, n: int) -> None:
+        self.progress.advance(self.eval_bar, n)
+
+    def task_done(self, result: Any) -> None:
+        acc = next(m for m in result.metrics if m["metric"] == "accuracy")
+        self.progress.update(
+            self.eval_bar,
+            description=f"eval {result.task}: {100 * acc['value']:.1f}% ± "
+                        f"{100 * acc['stderr']:.1f} (n={acc['n']})",
+        )
+
+
+@app.command()
+def run(
+    method: Annotated[str | None, typer.Option(help="Method name (`moebench methods`). [default: lora]")] = None,
+    model: Annotated[str | None, typer.Option(help="Alias (`moebench models`), hub id or local folder. [default: smollm2-135m]")] = None,
+    suite: Annotated[str | None, typer.Option(help="Suite name (`moebench tasks`). [default: mini]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for adapter init and data order. [default: 42]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score at most N items per eval set.")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON/TOML config file (same shape as a stored run's config).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any method/train/eval field, e.g. --set rank=8 --set train.lr=1e-4.")] = None,
+    db: DbOpt = None,
+    data_dir: Annotated[str | None, typer.Option(help="LLM-Adapters-style data folder [env MOEBENCH_DATA].")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Where checkpoints and the adapter go [default: results/runs/<id>].")] = None,
+    resume: Annotated[int | None, typer.Option(help="Continue stored run ID from its last checkpoint.")] = None,
+    rerun: Annotated[int | None, typer.Option(help="Start a new run with stored run ID's exact config.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
+) -> None:
+    """Train a method on a suite and score it; `moebench run` alone runs the embedded default."""
+    from moebench import runner
+    from moebench.runspec import resolve
+
+    _setup_logging(verbose)
+    env = runner.RunEnv(db=db, data_dir=data_dir, output_dir=output_dir)
+    with _progress() as progress:
+        observer = ProgressObserver(progress)
+        try:
+            if resume is not None:
+                run_id = runner.resume(resume, env, observer)
+            else:
+                base = load_file(config) if config else {}
+                if rerun is not None:
+                    base = _stored_config(db, rerun)
+                options = dict(method=method, model=model, suite=suite, seed=seed,
+                               max_steps=max_steps, limit=limit)
+                spec = resolve(base=base, sets=parse_sets(set_ or []), options=options)
+                progress.console.print(f"[dim]config {spec.hash[:12]}: {json.dumps(spec.to_dict())}[/]")
+                run_id = runner.execute(spec, env, observer)
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print("Interrupted: the run is marked interrupted in the store with its last "
+                      "checkpoint; `moebench runs list` shows it.")
+            raise typer.Exit(130) from None
+    _print_metrics(db, run_id)
+
+
+def _stored_config(db: str | None, run_id: int) -> dict[str, Any]:
+    from moebench import store
+
+    row = store.get_run(store.open_store(db), run_id)
+    return {k: v for k, v in row["config"].items() if not k.startswith("_")}
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)], force=True,
+    )
+
+
+def _print_metrics(db: str | None, run_id: int) -> None:
+    from moebench import store
+
+    s = store.open_store(db)
+    row = store.get_run(s, run_id)
+    table = Table(title=f"run {run_id}: {row['method']} on {row['model']} ({row['status']})")
+    for col in ("task", "accuracy", "± stderr", "n", "parse fail", "protocol"):
+        table.add_column(col)
+    metrics = store.get_metrics(s, run_id)
+    fails = {(m["task"], m["protocol"]): m["value"] for m in metrics if m["metric"] == "parse_failure_rate"}
+    for m in metrics:
+        if m["metric"] != "accuracy":
+            continue
+        fail = fails.get((m["task"], m["protocol"]))
+        table.add_row(
+            m["task"], f"{100 * m['value']:.2f}",
+            f"{100 * m['stderr']:.2f}" if m["stderr"] is not None else "",
+            str(m["n"]), f"{100 * fail:.1f}%" if fail is not None else "", m["protocol"],
+        )
+    console.print(table)
+    console.print(f"stored in {store.db.display_url(s.url)} as run {run_id}")
+
+
+@app.command()
+def methods() -> None:
+    """List registered methods with their config fields, defaults and help."""
+    from moebench.method import METHODS
+
+    for name, m in METHODS:
+        table = Table(title=f"{name}: {m.help}", title_justify="left")
+        for col in ("field", "default", "help"):
+            table.add_column(col)
+        for f in m.config_fields():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if isinstance(default, tuple):
+                default = ",".join(map(str, default))
+            table.add_row(f.name, str(default), field_help(m.config_cls, f.name))
+        console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List model aliases and what they resolve to."""
+    from moebench.models import ALIASES
+
+    table = Table(title="model aliases (or pass a hub id or a local folder)")
+    for col in ("alias", "source", "resolves to", "about"):
+        table.add_column(col)
+    for a in ALIASES.values():
+        table.add_row(a.alias, a.source, a.ref, a.help)
+    console.print(table)
+
+
+@app.command()
+def tasks() -> None:
+    """List eval tasks and suites."""
+    from moebench.suites import SUITES
+    from moebench.task import TASKS
+
+    table = Table(title="tasks")
+    for col in ("task", "family", "folder", "max new tokens", "scoring"):
+        table.add_column(col)
+    for name, t in TASKS:
+        table.add_row(name, t.family, t.folder, str(t.max_new_tokens), t.scoring_rule)
+    console.print(table)
+    suites = Table(title="suites")
+    for col in ("suite", "version", "train", "eval sets", "about"):
+        suites.add_column(col)
+    for s in SUITES.values():
+        suites.add_row(s.name, s.version, ", ".join(f.path for f in s.train),
+                       ", ".join(s.eval_tasks), s.help)
+    console.print(suites)
+
+
+@runs_app.command("list")
+def runs_list(
+    db: DbOpt = None,
+    method: Annotated[str | None, typer.Option(help="Only this method.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
+    limit: Annotated[int, typer.Option(help="At most N runs.")] = 50,
+) -> None:
+    """Stored runs, newest first."""
+    from moebench import store
+
+    s = store.open_store(db)
+    table = Table(title=f"runs in {store.db.display_url(s.url)}")
+    for col in ("id", "created", "method", "model", "suite", "seed", "status", "trainable", "reason"):
+        table.add_column(col)
+    for r in store.list_runs(s, method=method, model=model, status=status, limit=limit):
+        table.add_row(
+            str(r["id"]), r["created_at"].strftime("%Y-%m-%d %H:%M"), r["method"], r["model"],
+            r["suite"], str(r["seed"]), r["status"], f"{r['trainable_params'] or 0:,}",
+            (r["status_reason"] or "")[:80],
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[int, typer.Argument(help="Run id.")],
+    db: DbOpt = None,
+    config_only: Annotated[bool, typer.Option("--config", help="Print only the config (reusable with run --config).")] = False,
+) -> None:
+    """One run: its record, config and scores."""
+    from moebench import store
+
+    s = store.open_store(db)
+    row = store.get_run(s, run_id)
+    if config_only:
+        print(json.dumps({k: v for k, v in row["config"].items() if not k.startswith("_")}, indent=2))
+        return
+    for key, value in row.items():
+        if key != "config":
+            console.print(f"[bold]{key}[/]: {value}")
+    console.print_json(json.dumps(row["config"]))
+    _print_metrics(db, run_id)
+
+
+@app.command()
+def export(
+    db: DbOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    run_ids: Annotated[list[int] | None, typer.Option("--run", help="Run id (repeatable; default all).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+    predictions: Annotated[bool, typer.Option(help="JSON only: include per-item predictions.")] = False,
+) -> None:
+    """Export runs and their metrics as CSV or JSON."""
+    from moebench import store
+
+    text = store.export_runs(store.open_store(db), run_ids or None, fmt, out, include_predictions=predictions)
+    if out is None:
+        sys.stdout.write(text)
+
+
+def main() -> None:
+    try:
+        app()
+    except MoebenchError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

@@ -1,0 +1,129 @@
+"""Training data: LLM-Adapters JSON rows -> tokenised examples -> length-grouped batches.
+
+The loss covers response tokens only unless `train_on_prompt` is set (LLM-Adapters' own
+finetune.py trains on the prompt too; the switch replicates it). The prompt and the response are
+tokenised separately and concatenated, so the mask boundary is exact whatever the tokenizer merges.
+Batches are grouped by length inside shuffled windows: far less padding than a plain shuffle, and
+the order is a pure function of (seed, epoch), which is what makes a resumed run identical.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from moebench.errors import DataError
+from moebench.prompts import build_prompt
+
+IGNORE_INDEX = -100
+REQUIRED_FIELDS = ("instruction", "output")
+
+
+@dataclass(frozen=True)
+class Row:
+    instruction: str
+    input: str
+    output: str
+    task: str | None  # source task name when the mixture says so
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    task_label: int  # per-sample task type (LoRAMoE's knowledge flag); -1 when unknown
+
+
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """A JSON array of objects, or a DataError naming the file and what is wrong."""
+    if not path.is_file():
+        raise DataError(f"Data file '{path}' does not exist.")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"Data file '{path}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+            "expected a JSON array of {instruction, input, output, answer} objects."
+        ) from None
+    except UnicodeDecodeError:
+        raise DataError(f"Data file '{path}' is not UTF-8 text.") from None
+    if not isinstance(rows, list):
+        raise DataError(f"Data file '{path}' holds a {type(rows).__name__}, not a JSON array.")
+    if not rows:
+        raise DataError(f"Data file '{path}' is an empty array; it needs at least one row.")
+    return rows
+
+
+def load_training_rows(path: Path) -> list[Row]:
+    rows = read_json_rows(path)
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"Data file '{path}' row {i} is not an object.")
+        for key in REQUIRED_FIELDS:
+            if not isinstance(r.get(key), str):
+                raise DataError(
+                    f"Data file '{path}' row {i} has no string field '{key}' "
+                    "(LLM-Adapters rows need instruction, input, output, answer)."
+                )
+        out.append(Row(r["instruction"], str(r.get("input") or ""), r["output"], r.get("task")))
+    return out
+
+
+def tokenize_row(
+    row: Row,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    template: str,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    task_label: int,
+) -> Example:
+    prompt_ids = tokenizer(build_prompt(template, row.instruction, row.input))["input_ids"]
+    response_ids = tokenizer(row.output, add_special_tokens=False)["input_ids"]
+    ids = [*prompt_ids, *response_ids, tokenizer.eos_token_id][:cutoff_len]
+    prompt_len = min(len(prompt_ids), len(ids))
+    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+    return Example(tuple(ids), tuple(labels), task_label)
+
+
+def epoch_batches(
+    lengths: Sequence[int], micro_batch_size: int, seed: int, epoch: int, window: int = 64
+) -> list[list[int]]:
+    """Micro-batches of example indices for one epoch, grouped by length.
+
+    Shuffle (seeded by seed and epoch), cut into windows of `window` micro-batches, sort each
+    window by length so a batch holds similar lengths, then shuffle the batch order so long and
+    short batches are interleaved across the epoch.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    span = micro_batch_size * window
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + micro_batch_size] for j in range(0, len(chunk), micro_batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding never counts in the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e.input_ids)
+        input_ids[i, :k] = torch.tensor(e.input_ids)
+        labels[i, :k] = torch.tensor(e.labels)
+        mask[i, :k] = 1
+    task = torch.tensor([e.task_label for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "task_labels": task}

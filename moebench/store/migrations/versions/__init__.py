@@ -1,0 +1,1 @@
+"""Schema revisions, one file each; alembic finds them by path, not by import."""

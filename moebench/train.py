@@ -1,0 +1,338 @@
+"""The one training loop. It knows no method by name.
+
+What varies between methods reaches the loop only through the `Method` interface: phases (each
+with its own trainable set and optional learning rate), auxiliary losses and statistics that
+layers report after each forward, and which parameters skip weight decay. Reading order:
+setup (optimizer, schedule, resume), then one loop whose body is one optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from moebench.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from moebench.config import check, doc
+from moebench.data import IGNORE_INDEX, Example, collate, epoch_batches
+from moebench.errors import TrainingDiverged
+from moebench.inject import Adapted
+from moebench.method import Phase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = doc("passes over the training mixture (seed paper: 4)", 4.0)
+    max_steps: int | None = doc("stop after this many optimizer steps (None: epochs decide)", None)
+    lr: float = doc("peak learning rate (seed paper, LoRA and LoRAMoE: 3e-4)", 3e-4)
+    weight_decay: float = doc(
+        "AdamW decoupled weight decay, on trainable matrices only (HF Trainer default: 0)", 0.0
+    )
+    batch_size: int = doc("effective batch size per optimizer step (seed paper: 16 Llama)", 16)
+    micro_batch_size: int = doc("rows per forward; batch_size/micro_batch_size = accumulation", 4)
+    cutoff_len: int = doc("truncate each tokenised row to this many tokens (LLM-Adapters)", 256)
+    warmup_steps: int = doc("linear LR warm-up steps per phase (LLM-Adapters: 100)", 100)
+    lr_schedule: Literal["linear", "cosine", "constant"] = doc(
+        "decay after warm-up, to 0 at the end of each phase", "linear"
+    )
+    max_grad_norm: float | None = doc("clip the gradient norm to this (None: no clipping)", 1.0)
+    train_on_prompt: bool = doc("also train on prompt tokens, as LLM-Adapters' script does", False)
+    template: str = doc("prompt template id (moebench.prompts)", "alpaca")
+    group_by_length: bool = doc("group batches by length to cut padding", True)
+    checkpoint_every: int | None = doc("checkpoint every N steps (None: only at the end)", 50)
+    keep_checkpoints: int = doc("how many recent checkpoints to keep on disk", 2)
+    precision: Literal["auto", "fp32", "bf16"] = doc(
+        "auto: bf16 autocast on GPU, fp32 on CPU", "auto"
+    )
+    device: Literal["auto", "cpu", "cuda"] = doc("auto: cuda when available", "auto")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs <= 0:
+            problems.append(f"epochs={self.epochs} must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps={self.max_steps} must be >= 1")
+        if self.lr <= 0:
+            problems.append(f"lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.micro_batch_size < 1 or self.batch_size < 1:
+            problems.append("batch_size and micro_batch_size must be >= 1")
+        elif self.batch_size % self.micro_batch_size:
+            problems.append(
+                f"batch_size={self.batch_size} must be a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
+            )
+        if self.cutoff_len < 8:
+            problems.append(f"cutoff_len={self.cutoff_len} must be >= 8")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            problems.append(f"checkpoint_every={self.checkpoint_every} must be >= 1 or None")
+        if self.keep_checkpoints < 1:
+            problems.append(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        check(problems, "train")
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class StepLog:
+    step: int
+    total_steps: int
+    epoch: int
+    phase: str
+    loss: float  # cross-entropy on the counted tokens, before auxiliary losses
+    aux: dict[str, float]
+    lr: float
+    tokens: int  # non-padding tokens processed so far
+    tokens_per_s: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainHooks:
+    """Callbacks the runner uses to log, store and show progress; the loop stays I/O-free."""
+
+    on_step: Callable[[StepLog], None] = lambda s: None
+    on_checkpoint: Callable[[int, Path], None] = lambda step, path: None
+    on_phase: Callable[[Phase, int], None] = lambda phase, step: None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float  # wall time of this process's share of training
+    tokens_per_s: float
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def plan_steps(num_micro_batches: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps)."""
+    per_epoch = math.ceil(num_micro_batches / cfg.accumulation)
+    total = math.ceil(cfg.epochs * per_epoch)
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def phase_at(phases: Sequence[Phase], step: int, total: int) -> tuple[int, int, int]:
+    """(phase index, first step of the phase, its length) for a 0-based step."""
+    start = 0
+    for i, phase in enumerate(phases):
+        length = round(phase.fraction * total) if i < len(phases) - 1 else total - start
+        if step < start + length or i == len(phases) - 1:
+            return i, start, max(length, 1)
+        start += length
+    raise AssertionError("unreachable")
+
+
+def lr_at(cfg: TrainConfig, peak: float, step_in_phase: int, phase_len: int) -> float:
+    if step_in_phase < cfg.warmup_steps:
+        return peak * (step_in_phase + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return peak
+    progress = (step_in_phase - cfg.warmup_steps) / max(1, phase_len - cfg.warmup_steps)
+    if cfg.lr_schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * max(0.0, 1.0 - progress)
+
+
+def build_optimizer(adapted: Adapted, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over adapter parameters; decay only matrices the method does not exempt."""
+    decay, no_decay = [], []
+    for name, p in adapted.adapter_parameters():
+        exempt = p.ndim < 2 or adapted.method.no_weight_decay(adapted.config, name)
+        (no_decay if exempt else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def _set_phase_trainable(adapted: Adapted, phase: Phase) -> None:
+    for name, p in adapted.adapter_parameters():
+        p.requires_grad_(phase.trainable is None or phase.trainable(name))
+
+
+def token_loss_sum(
+    adapted: Adapted, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over counted (non-masked) positions, and their number.
+
+    The output layer runs only on positions that count: on small models the vocab projection is
+    most of the compute, and prompt and padding positions would be thrown away anyway.
+    """
+    model = adapted.model
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is not None and head is not None and not _has_logit_transform(model):
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1][keep]
+    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def _has_logit_transform(model: torch.nn.Module) -> bool:
+    cfg = model.config
+    return bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+
+
+def train(
+    adapted: Adapted,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    checkpoint_root: Path,
+    resume_from: Path | None = None,
+    hooks: TrainHooks | None = None,
+) -> TrainResult:
+    hooks = hooks or TrainHooks()
+    device = resolve_device(cfg)
+    amp = autocast_dtype(cfg, device)
+    model = adapted.model
+    model.to(device)
+    for _, p in adapted.adapter_parameters():
+        p.data = p.data.float()  # adapter and optimizer state stay fp32 under bf16 autocast
+    model.train()
+
+    lengths = [len(e.input_ids) for e in examples]
+    micro = cfg.micro_batch_size
+    n_micro = len(epoch_batches(lengths, micro, seed, 0))
+    per_epoch, total = plan_steps(n_micro, cfg)
+    phases = adapted.method.phases(adapted.config)
+    optimizer = build_optimizer(adapted, cfg)
+
+    state = TrainState(step=0, epoch=0, batch_in_epoch=0, tokens_seen=0)
+    if resume_from is not None:
+        state, adapter = load_checkpoint(resume_from, optimizer)
+        adapted.load_adapter_state_dict(adapter)
+        log.info("resumed at step %d (epoch %d, batch %d)", state.step, state.epoch,
+                 state.batch_in_epoch)
+    log.info(
+        "training: %d rows, %d micro-batches/epoch, %d steps/epoch, %d total steps, "
+        "accumulation %d, device %s, autocast %s", len(examples), n_micro, per_epoch, total,
+        cfg.accumulation, device, amp,
+    )
+
+    step, epoch, mb, tokens = state.step, state.epoch, state.batch_in_epoch, state.tokens_seen
+    current_phase = -1
+    t0, tokens_at_t0 = time.perf_counter(), tokens
+    order = _order(lengths, micro, seed, epoch, cfg.group_by_length)
+    while step < total:
+        if mb >= len(order):
+            epoch, mb = epoch + 1, 0
+            order = _order(lengths, micro, seed, epoch, cfg.group_by_length)
+        p_idx, p_start, p_len = phase_at(phases, step, total)
+        phase = phases[p_idx]
+        if p_idx != current_phase:
+            current_phase = p_idx
+            _set_phase_trainable(adapted, phase)
+            hooks.on_phase(phase, step)
+        lr = lr_at(cfg, phase.lr or cfg.lr, step - p_start, p_len)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # One optimizer step: accumulate over up to `accumulation` micro-batches, normalising by
+        # the counted tokens of the whole step so micro-batch sizes do not reweight tokens.
+        group_ids = order[mb : mb + cfg.accumulation]
+        batches = [collate([examples[i] for i in ids], _pad_id(adapted)) for ids in group_ids]
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        ce_total = torch.zeros((), device=device)
+        aux_total: dict[str, torch.Tensor] = {}
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            adapted.context.attention_mask = b["attention_mask"]
+            adapted.context.task_labels = b["task_labels"]
+            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                ce_sum, _ = token_loss_sum(adapted, b)
+                aux = adapted.collect_aux_losses()
+            share = len(b["input_ids"]) / sum(len(x["input_ids"]) for x in batches)
+            loss = ce_sum / max(n_tokens, 1) + sum((v * share for v in aux.values()), 0.0)
+            loss.backward()
+            ce_total += ce_sum.detach()
+            for k, v in aux.items():
+                aux_total[k] = aux_total.get(k, 0) + v.detach() * share
+            tokens += int(b["attention_mask"].sum())
+        ce = float(ce_total) / max(n_tokens, 1)
+        aux_values = {k: float(v) for k, v in aux_total.items()}
+        if not all(math.isfinite(v) for v in [ce, *aux_values.values()]):
+            rows = [i for ids in group_ids for i in ids]
+            raise TrainingDiverged(
+                f"Loss became non-finite ({ce}) at step {step + 1} (epoch {epoch}, micro-batches "
+                f"{mb}-{mb + len(group_ids) - 1}, rows {rows[:16]}); lower lr or check the data."
+            )
+        trainable = [p for _, p in adapted.adapter_parameters() if p.requires_grad]
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step, mb = step + 1, mb + len(group_ids)
+        elapsed = time.perf_counter() - t0
+        hooks.on_step(
+            StepLog(
+                step=step, total_steps=total, epoch=epoch, phase=phase.name, loss=ce,
+                aux=aux_values, lr=lr, tokens=tokens,
+                tokens_per_s=(tokens - tokens_at_t0) / max(elapsed, 1e-9),
+                stats=adapted.collect_stats(),
+            )
+        )
+        if step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            position = (epoch + 1, 0) if mb >= len(order) else (epoch, mb)
+            path = save_checkpoint(
+                checkpoint_root,
+                TrainState(step, position[0], position[1], tokens),
+                adapted.adapter_state_dict(),
+                optimizer,
+                cfg.keep_checkpoints,
+            )
+            hooks.on_checkpoint(step, path)
+    elapsed = time.perf_counter() - t0
+    model.eval()
+    return TrainResult(step, tokens, elapsed, (tokens - tokens_at_t0) / max(elapsed, 1e-9))
+
+
+def _order(
+    lengths: Sequence[int], micro: int, seed: int, epoch: int, grouped: bool
+) -> list[list[int]]:
+    if grouped:
+        return epoch_batches(lengths, micro, seed, epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    return [order[i : i + micro] for i in range(0, len(order), micro)]
+
+
+def _pad_id(adapted: Adapted) -> int:
+    pad = getattr(adapted.model.config, "pad_token_id", None)
+    return int(pad) if pad is not None else 0

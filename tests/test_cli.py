@@ -1,0 +1,192 @@
+"""The `moebench` command as a user meets it: end to end on a tiny model, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moebench import store
+from tests.conftest import shared_data_or_skip
+
+TINY = ["--model", "tiny-llama", "--max-steps", "4", "--limit", "3",
+        "--set", "train.batch_size=8", "--set", "train.checkpoint_every=2"]
+
+
+def moebench(*args: str, cwd: Path, env: dict[str, str] | None = None,
+             timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "moebench", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_end_to_end_stores_a_reproducible_done_run(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    r = moebench("run", *TINY, "--db", db, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = store.open_store(db)
+    (run,) = store.list_runs(s)
+    assert run["status"] == "done"
+    assert run["trainable_params"] > 0 and run["total_params"] > run["trainable_params"]
+    assert run["versions"]["torch"] and run["hardware"]["machine"]
+    assert run["config"]["train"]["max_steps"] == 4
+    assert [row["step"] for row in store.get_training_log(s, run["id"])] == [1, 2, 3, 4]
+    metrics = {(m["task"], m["metric"]): m for m in store.get_metrics(s, run["id"])}
+    assert metrics[("boolq", "accuracy")]["n"] == 3
+    preds = store.get_predictions(s, run["id"], task="boolq")
+    assert len(preds) == 3
+    assert metrics[("boolq", "accuracy")]["value"] == sum(p["correct"] for p in preds) / 3
+    assert (Path(run["output_dir"]) / "adapter" / "adapter.safetensors").is_file()
+
+    # the stored config alone reproduces the run: same predictions, same numbers
+    r2 = moebench("run", "--rerun", str(run["id"]), "--db", db, cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr
+    second = store.list_runs(s)[0]
+    assert second["config_hash"] == run["config_hash"]
+    assert [p["output"] for p in store.get_predictions(s, second["id"])] == [
+        p["output"] for p in store.get_predictions(s, run["id"])
+    ]
+
+
+def _one_clean_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr + r.stdout
+    message = " ".join(r.stderr.split())
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--method", "lroa"], ["Unknown method 'lroa'", "Did you mean 'lora'?"]),
+        (["--model", "no-such-model"], ["Unknown model 'no-such-model'", "tiny-llama"]),
+        (["--model", "Qwen/Qwen2-0.5B"], ["Cannot load model", "offline alternatives"]),
+        (["--suite", "minii"], ["Unknown suite 'minii'", "mini"]),
+        (["--set", "rnak=4"], ["Unknown config key 'rnak'", "rank"]),
+        (["--set", "rank=-4"], ["rank=-4 must be a positive integer"]),
+        (["--set", "train.lr=fast"], ["train.lr='fast' is not a number"]),
+        (["--suite", "la-commonsense4", "--data-dir", "/no/such/folder"],
+         ["Data folder '/no/such/folder' does not exist"]),
+        (["--set", "noequals"], ["is not of the form key=value"]),
+    ],
+)
+def test_bad_input_gives_one_sentence_and_keeps_the_store(
+    tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'keep.db'}"
+    s = store.open_store(db)
+    keep = store.create_run(s, method="lora", model="m", suite="mini", config={"a": 1},
+                            config_hash="h", seed=1, versions={}, git_sha=None, hardware={},
+                            output_dir=None, status="done")
+    r = moebench("run", "--model", "tiny-llama", *args, "--db", db, cwd=tmp_path,
+                 env={"HF_HUB_OFFLINE": "1"})
+    _one_clean_error(r, *needles)
+    assert store.get_run(s, keep)["status"] == "done"
+
+
+def test_malformed_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"train": {"lr": 1e-4,}')
+    _one_clean_error(moebench("run", "--config", str(cfg), cwd=tmp_path), "c.json", "malformed")
+
+
+def test_malformed_data_file_fails_and_is_recorded_without_traceback(tmp_path: Path) -> None:
+    shared = shared_data_or_skip()
+    data = tmp_path / "data"
+    for folder in ("boolq", "ARC-Challenge", "ARC-Easy", "openbookqa"):
+        (data / folder).mkdir(parents=True)
+        (data / folder / "test.json").write_text((shared / folder / "test.json").read_text())
+        (data / folder / "train.json").write_text((shared / folder / "train.json").read_text())
+    (data / "openbookqa" / "train.json").write_text('[{"instruction": "q", "output": "a"}, {"instruction": 3}]')
+    r = moebench("run", "--suite", "la-commonsense4", "--data-dir", str(data), *TINY, cwd=tmp_path)
+    _one_clean_error(r, "openbookqa/train.json", "row 1")
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path) -> None:
+    db_file = tmp_path / "i.db"
+    db = f"sqlite:///{db_file}"
+    args = ["run", "--model", "tiny-llama", "--max-steps", "60", "--limit", "2",
+            "--set", "train.checkpoint_every=2", "--set", "train.batch_size=4", "--db", db]
+    proc = subprocess.Popen([sys.executable, "-m", "moebench", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    step = 0
+    while time.time() < deadline and step < 4:
+        time.sleep(0.3)
+        if db_file.exists():
+            with sqlite3.connect(db_file) as c:
+                try:
+                    step = c.execute("select coalesce(max(last_step), 0) from runs").fetchone()[0]
+                except sqlite3.OperationalError:
+                    step = 0
+    assert step >= 4, "training never reached a checkpoint"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    s = store.open_store(db)
+    (run,) = store.list_runs(s)
+    assert run["status"] == "interrupted"
+    assert "last checkpoint" in run["status_reason"] and run["last_checkpoint"]
+    assert Path(run["last_checkpoint"]).is_dir()
+    logged = [r["step"] for r in store.get_training_log(s, run["id"])]
+    assert logged and logged == sorted(logged)
+
+    r = moebench("run", "--resume", str(run["id"]), "--db", db, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = store.get_run(s, run["id"])
+    assert run["status"] == "done" and run["last_step"] == 60
+    assert run["resumed_from_step"] is not None
+
+
+def test_listing_commands(tmp_path: Path) -> None:
+    r = moebench("methods", cwd=tmp_path)
+    assert r.returncode == 0 and "rank" in r.stdout and "target_modules" in r.stdout
+    r = moebench("models", cwd=tmp_path)
+    assert r.returncode == 0 and "qwen2-0.5b" in r.stdout and "Qwen/Qwen2-0.5B" in r.stdout
+    r = moebench("tasks", cwd=tmp_path)
+    assert r.returncode == 0 and "gsm8k" in r.stdout and "mini" in r.stdout
+
+
+def test_export_and_runs_show(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'e.db'}"
+    assert moebench("run", *TINY, "--db", db, cwd=tmp_path).returncode == 0
+    r = moebench("export", "--db", db, "--format", "json", cwd=tmp_path)
+    assert r.returncode == 0
+    (run,) = json.loads(r.stdout)
+    assert any(m["task"] == "gsm8k" for m in run["metrics"])
+    r = moebench("runs", "show", str(run["id"]), "--config", "--db", db, cwd=tmp_path)
+    assert json.loads(r.stdout)["model"] == "tiny-llama"
+    _one_clean_error(moebench("runs", "show", "99", "--db", db, cwd=tmp_path), "No run with id 99")
+
+
+def test_a_third_party_method_registers_through_the_entry_point(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "my_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "my_plugin-0.1.dist-info" / "METADATA").write_text("Name: my-plugin\nVersion: 0.1\n")
+    (site / "my_plugin-0.1.dist-info" / "entry_points.txt").write_text(
+        "[moebench.methods]\nqv-lora = my_plugin:METHOD\n"
+    )
+    (site / "my_plugin.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from moebench.methods.lora import LoRA, LoRAConfig\n"
+        "class QVLoRA(LoRA):\n"
+        "    name = 'qv-lora'\n"
+        "    help = 'LoRA on q and v only (a plugin test).'\n"
+        "METHOD = QVLoRA()\n"
+    )
+    env = {"PYTHONPATH": str(site)}
+    r = moebench("methods", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "qv-lora" in r.stdout, r.stderr
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    r = moebench("run", "--method", "qv-lora", *TINY, "--db", db, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert store.list_runs(store.open_store(db))[0]["method"] == "qv-lora"
