@@ -1,6 +1,6 @@
 """LoRA (Hu et al. 2021, arXiv 2106.09685): a frozen linear plus a trainable rank-r update.
 
-    h = W0 x + s * B (A drop(x)),   s = alpha / r,   A: [r, d_in] kaiming-uniform,  B: [d_out, r] = 0
+    h = W0 x + s * B (A drop(x)),  s = alpha / r,  A: [r, d_in] kaiming-uniform,  B: [d_out, r] = 0
 
 Trainable parameters per targeted linear: r * (d_in + d_out). Mergeable: W0 + s * B @ A gives the
 same function with no extra latency. Numerically the same as peft's LoRA for the same weights

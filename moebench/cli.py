@@ -28,7 +28,13 @@ app.add_typer(runs_app, name="runs")
 console = Console()
 err = Console(stderr=True)
 
-DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL or SQLite path [env MOEBENCH_DB; default sqlite:///results/moebench.db].")]
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="SQLAlchemy URL or SQLite path [env MOEBENCH_DB; default sqlite:///results/moebench.db].",
+    ),
+]
 
 
 class ProgressObserver:
@@ -53,9 +59,10 @@ class ProgressObserver:
             self.train_bar = self.progress.add_task("train", total=s.total_steps)
         aux = "".join(f" {k} {v:.4f}" for k, v in s.aux.items())
         self.progress.update(
-            self.train_bar, completed=s.step,
+            self.train_bar,
+            completed=s.step,
             description=f"train [{s.phase}] loss {s.loss:.4f}{aux} lr {s.lr:.2e} "
-                        f"{s.tokens_per_s:,.0f} tok/s",
+            f"{s.tokens_per_s:,.0f} tok/s",
         )
 
     def eval_started(self, task: str, n: int) -> None:
@@ -69,25 +76,54 @@ class ProgressObserver:
         self.progress.update(
             self.eval_bar,
             description=f"eval {result.task}: {100 * acc['value']:.1f}% ± "
-                        f"{100 * acc['stderr']:.1f} (n={acc['n']})",
+            f"{100 * acc['stderr']:.1f} (n={acc['n']})",
         )
 
 
 @app.command()
 def run(
-    method: Annotated[str | None, typer.Option(help="Method name (`moebench methods`). [default: lora]")] = None,
-    model: Annotated[str | None, typer.Option(help="Alias (`moebench models`), hub id or local folder. [default: smollm2-135m]")] = None,
-    suite: Annotated[str | None, typer.Option(help="Suite name (`moebench tasks`). [default: mini]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for adapter init and data order. [default: 42]")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Method name (`moebench methods`). [default: lora]")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Alias (`moebench models`), hub id or local folder. [default: smollm2-135m]"
+        ),
+    ] = None,
+    suite: Annotated[
+        str | None, typer.Option(help="Suite name (`moebench tasks`). [default: mini]")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for adapter init and data order. [default: 42]")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps.")] = None,
     limit: Annotated[int | None, typer.Option(help="Score at most N items per eval set.")] = None,
-    config: Annotated[Path | None, typer.Option(help="JSON/TOML config file (same shape as a stored run's config).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any method/train/eval field, e.g. --set rank=8 --set train.lr=1e-4.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="JSON/TOML config file (same shape as a stored run's config)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="key=value for any method/train/eval field, e.g. --set rank=8 --set lr=1e-4.",
+        ),
+    ] = None,
     db: DbOpt = None,
-    data_dir: Annotated[str | None, typer.Option(help="LLM-Adapters-style data folder [env MOEBENCH_DATA].")] = None,
-    output_dir: Annotated[str | None, typer.Option(help="Where checkpoints and the adapter go [default: results/runs/<id>].")] = None,
-    resume: Annotated[int | None, typer.Option(help="Continue stored run ID from its last checkpoint.")] = None,
-    rerun: Annotated[int | None, typer.Option(help="Start a new run with stored run ID's exact config.")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="LLM-Adapters-style data folder [env MOEBENCH_DATA].")
+    ] = None,
+    output_dir: Annotated[
+        str | None,
+        typer.Option(help="Where checkpoints and the adapter go [default: results/runs/<id>]."),
+    ] = None,
+    resume: Annotated[
+        int | None, typer.Option(help="Continue stored run ID from its last checkpoint.")
+    ] = None,
+    rerun: Annotated[
+        int | None, typer.Option(help="Start a new run with stored run ID's exact config.")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
 ) -> None:
     """Train a method on a suite and score it; `moebench run` alone runs the embedded default."""
@@ -105,15 +141,25 @@ def run(
                 base = load_file(config) if config else {}
                 if rerun is not None:
                     base = _stored_config(db, rerun)
-                options = dict(method=method, model=model, suite=suite, seed=seed,
-                               max_steps=max_steps, limit=limit)
+                options = dict(
+                    method=method,
+                    model=model,
+                    suite=suite,
+                    seed=seed,
+                    max_steps=max_steps,
+                    limit=limit,
+                )
                 spec = resolve(base=base, sets=parse_sets(set_ or []), options=options)
-                progress.console.print(f"[dim]config {spec.hash[:12]}: {json.dumps(spec.to_dict())}[/]")
+                progress.console.print(
+                    f"[dim]config {spec.hash[:12]}: {json.dumps(spec.to_dict())}[/]"
+                )
                 run_id = runner.execute(spec, env, observer)
         except KeyboardInterrupt:
             progress.stop()
-            err.print("Interrupted: the run is marked interrupted in the store with its last "
-                      "checkpoint; `moebench runs list` shows it.")
+            err.print(
+                "Interrupted: the run is marked interrupted in the store with its last "
+                "checkpoint; `moebench runs list` shows it."
+            )
             raise typer.Exit(130) from None
     _print_metrics(db, run_id)
 
@@ -127,8 +173,13 @@ def _stored_config(db: str | None, run_id: int) -> dict[str, Any]:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
 
 
@@ -136,8 +187,10 @@ def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)], force=True,
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+        force=True,
     )
 
 
@@ -150,15 +203,22 @@ def _print_metrics(db: str | None, run_id: int) -> None:
     for col in ("task", "accuracy", "± stderr", "n", "parse fail", "protocol"):
         table.add_column(col)
     metrics = store.get_metrics(s, run_id)
-    fails = {(m["task"], m["protocol"]): m["value"] for m in metrics if m["metric"] == "parse_failure_rate"}
+    fails = {
+        (m["task"], m["protocol"]): m["value"]
+        for m in metrics
+        if m["metric"] == "parse_failure_rate"
+    }
     for m in metrics:
         if m["metric"] != "accuracy":
             continue
         fail = fails.get((m["task"], m["protocol"]))
         table.add_row(
-            m["task"], f"{100 * m['value']:.2f}",
+            m["task"],
+            f"{100 * m['value']:.2f}",
             f"{100 * m['stderr']:.2f}" if m["stderr"] is not None else "",
-            str(m["n"]), f"{100 * fail:.1f}%" if fail is not None else "", m["protocol"],
+            str(m["n"]),
+            f"{100 * fail:.1f}%" if fail is not None else "",
+            m["protocol"],
         )
     console.print(table)
     console.print(f"stored in {store.db.display_url(s.url)} as run {run_id}")
@@ -166,19 +226,27 @@ def _print_metrics(db: str | None, run_id: int) -> None:
 
 @app.command()
 def methods() -> None:
-    """List registered methods with their config fields, defaults and help."""
+    """List registered methods with their config fields, defaults and help, then the loop's."""
+    from moebench.evaluate import EvalConfig
     from moebench.method import METHODS
+    from moebench.train import TrainConfig
 
     for name, m in METHODS:
-        table = Table(title=f"{name}: {m.help}", title_justify="left")
-        for col in ("field", "default", "help"):
-            table.add_column(col)
-        for f in m.config_fields():
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            if isinstance(default, tuple):
-                default = ",".join(map(str, default))
-            table.add_row(f.name, str(default), field_help(m.config_cls, f.name))
-        console.print(table)
+        _fields_table(f"{name}: {m.help}", m.config_cls)
+    _fields_table("train.* (the loop; --set train.KEY=VALUE)", TrainConfig)
+    _fields_table("eval.* (scoring; --set eval.KEY=VALUE)", EvalConfig)
+
+
+def _fields_table(title: str, cls: type) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("field", "default", "help"):
+        table.add_column(col)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        table.add_row(f.name, str(default), field_help(cls, f.name))
+    console.print(table)
 
 
 @app.command()
@@ -210,8 +278,9 @@ def tasks() -> None:
     for col in ("suite", "version", "train", "eval sets", "about"):
         suites.add_column(col)
     for s in SUITES.values():
-        suites.add_row(s.name, s.version, ", ".join(f.path for f in s.train),
-                       ", ".join(s.eval_tasks), s.help)
+        suites.add_row(
+            s.name, s.version, ", ".join(f.path for f in s.train), ", ".join(s.eval_tasks), s.help
+        )
     console.print(suites)
 
 
@@ -228,12 +297,28 @@ def runs_list(
 
     s = store.open_store(db)
     table = Table(title=f"runs in {store.db.display_url(s.url)}")
-    for col in ("id", "created", "method", "model", "suite", "seed", "status", "trainable", "reason"):
+    for col in (
+        "id",
+        "created",
+        "method",
+        "model",
+        "suite",
+        "seed",
+        "status",
+        "trainable",
+        "reason",
+    ):
         table.add_column(col)
     for r in store.list_runs(s, method=method, model=model, status=status, limit=limit):
         table.add_row(
-            str(r["id"]), r["created_at"].strftime("%Y-%m-%d %H:%M"), r["method"], r["model"],
-            r["suite"], str(r["seed"]), r["status"], f"{r['trainable_params'] or 0:,}",
+            str(r["id"]),
+            r["created_at"].strftime("%Y-%m-%d %H:%M"),
+            r["method"],
+            r["model"],
+            r["suite"],
+            str(r["seed"]),
+            r["status"],
+            f"{r['trainable_params'] or 0:,}",
             (r["status_reason"] or "")[:80],
         )
     console.print(table)
@@ -243,7 +328,9 @@ def runs_list(
 def runs_show(
     run_id: Annotated[int, typer.Argument(help="Run id.")],
     db: DbOpt = None,
-    config_only: Annotated[bool, typer.Option("--config", help="Print only the config (reusable with run --config).")] = False,
+    config_only: Annotated[
+        bool, typer.Option("--config", help="Print only the config (reusable with run --config).")
+    ] = False,
 ) -> None:
     """One run: its record, config and scores."""
     from moebench import store
@@ -251,7 +338,9 @@ def runs_show(
     s = store.open_store(db)
     row = store.get_run(s, run_id)
     if config_only:
-        print(json.dumps({k: v for k, v in row["config"].items() if not k.startswith("_")}, indent=2))
+        print(
+            json.dumps({k: v for k, v in row["config"].items() if not k.startswith("_")}, indent=2)
+        )
         return
     for key, value in row.items():
         if key != "config":
@@ -264,14 +353,20 @@ def runs_show(
 def export(
     db: DbOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
-    run_ids: Annotated[list[int] | None, typer.Option("--run", help="Run id (repeatable; default all).")] = None,
+    run_ids: Annotated[
+        list[int] | None, typer.Option("--run", help="Run id (repeatable; default all).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
-    predictions: Annotated[bool, typer.Option(help="JSON only: include per-item predictions.")] = False,
+    predictions: Annotated[
+        bool, typer.Option(help="JSON only: include per-item predictions.")
+    ] = False,
 ) -> None:
     """Export runs and their metrics as CSV or JSON."""
     from moebench import store
 
-    text = store.export_runs(store.open_store(db), run_ids or None, fmt, out, include_predictions=predictions)
+    text = store.export_runs(
+        store.open_store(db), run_ids or None, fmt, out, include_predictions=predictions
+    )
     if out is None:
         sys.stdout.write(text)
 

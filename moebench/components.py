@@ -13,7 +13,7 @@ from torch import nn
 
 
 def init_lora_factors(rank: int, d_in: int, d_out: int) -> tuple[nn.Parameter, nn.Parameter]:
-    """A: kaiming-uniform with a=sqrt(5) (as peft and loralib); B: zeros. Shapes [r,d_in], [d_out,r]."""
+    """A [r, d_in]: kaiming-uniform, a=sqrt(5), as peft and loralib do; B [d_out, r]: zeros."""
     a = torch.empty(rank, d_in)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
     return nn.Parameter(a), nn.Parameter(torch.zeros(d_out, rank))

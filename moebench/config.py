@@ -54,17 +54,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return coerce(value, arg, key)
-            except ValueError as e:
-                errors.append(str(e))
+            except ValueError:
+                continue
         raise ValueError(f"{key}={value!r} is not a {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
@@ -158,10 +157,7 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"Config file '{path}' does not exist; pass a .json or .toml file.")
     text = path.read_text()
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"Config file '{path}' is malformed: {e}.") from None
     if not isinstance(data, dict):

@@ -31,7 +31,9 @@ class EvalConfig:
     )
     num_beams: int = doc("beams for generation (LLM-Adapters: 4; 1 = greedy)", 4)
     batch_size: int = doc("prompts per generation/scoring batch", 16)
-    max_new_tokens: int | None = doc("override every task's budget (None: commonsense 32, math 256)", None)
+    max_new_tokens: int | None = doc(
+        "override every task's budget (None: commonsense 32, math 256)", None
+    )
     limit: int | None = doc("score at most N items per set (smoke runs); None: all", None)
     template: str | None = doc("prompt template id for eval (None: the training template)", None)
     tasks: tuple[str, ...] | None = doc("eval sets to score (None: the suite's)", None)
@@ -93,8 +95,14 @@ def evaluate_task(
     model = adapted.model
     if detail["mode"] == "loglik":
         labels = [task.candidate_labels(it) for it in items]
-        requests = [(p + LOGLIK_PREFIX, " " + lab) for p, ls in zip(prompts, labels, strict=True) for lab in ls]
-        scores = continuation_logprobs(model, tokenizer, requests, batch_size=cfg.batch_size, amp=amp)
+        requests = [
+            (p + LOGLIK_PREFIX, " " + lab)
+            for p, ls in zip(prompts, labels, strict=True)
+            for lab in ls
+        ]
+        scores = continuation_logprobs(
+            model, tokenizer, requests, batch_size=cfg.batch_size, amp=amp
+        )
         k = 0
         for it, p, ls in zip(items, prompts, labels, strict=True):
             own = scores[k : k + len(ls)]
@@ -104,9 +112,15 @@ def evaluate_task(
         on_batch(len(items))
     else:
         outputs = generate(
-            model, tokenizer, prompts, max_new_tokens=detail["max_new_tokens"],
-            num_beams=cfg.num_beams, batch_size=cfg.batch_size, stop_strings=task.stop_strings,
-            amp=amp, on_batch=on_batch,
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=detail["max_new_tokens"],
+            num_beams=cfg.num_beams,
+            batch_size=cfg.batch_size,
+            stop_strings=task.stop_strings,
+            amp=amp,
+            on_batch=on_batch,
         )
         for it, p, out in zip(items, prompts, outputs, strict=True):
             s = task.score(p, out, it.answer)
@@ -116,10 +130,24 @@ def evaluate_task(
     failures = sum(p["parse_failed"] for p in preds)
     detail.update(n=n, parse_failures=failures)
     metrics = [
-        {"task": task.name, "metric": "accuracy", "value": acc, "n": n,
-         "stderr": math.sqrt(acc * (1 - acc) / n), "protocol": pid, "protocol_detail": detail},
-        {"task": task.name, "metric": "parse_failure_rate", "value": failures / n, "n": n,
-         "stderr": None, "protocol": pid, "protocol_detail": detail},
+        {
+            "task": task.name,
+            "metric": "accuracy",
+            "value": acc,
+            "n": n,
+            "stderr": math.sqrt(acc * (1 - acc) / n),
+            "protocol": pid,
+            "protocol_detail": detail,
+        },
+        {
+            "task": task.name,
+            "metric": "parse_failure_rate",
+            "value": failures / n,
+            "n": n,
+            "stderr": None,
+            "protocol": pid,
+            "protocol_detail": detail,
+        },
     ]
     return TaskResult(task.name, metrics, preds)
 
@@ -128,10 +156,15 @@ def _prediction(
     it: Item, prompt: str, output: str, extracted: str | None, correct: bool, failed: bool, pid: str
 ) -> dict[str, Any]:
     return {
-        "task": it.task, "item_id": it.item_id,
+        "task": it.task,
+        "item_id": it.item_id,
         "prompt_hash": hashlib.sha256(prompt.encode()).hexdigest(),
-        "output": output, "extracted": extracted, "gold": it.answer,
-        "correct": bool(correct), "parse_failed": bool(failed), "protocol": pid,
+        "output": output,
+        "extracted": extracted,
+        "gold": it.answer,
+        "correct": bool(correct),
+        "parse_failed": bool(failed),
+        "protocol": pid,
     }
 
 
@@ -143,9 +176,15 @@ def group_average(results: list[TaskResult], tasks: dict[str, Task]) -> list[dic
         by_family.setdefault(tasks[r.task].family, []).append(acc["value"])
     rows = []
     for family, accs in sorted(by_family.items()):
-        rows.append({
-            "task": f"{family}_avg", "metric": "accuracy", "value": sum(accs) / len(accs),
-            "n": len(accs), "stderr": None, "protocol": "unweighted-mean-over-sets",
-            "protocol_detail": {"sets": len(accs)},
-        })
+        rows.append(
+            {
+                "task": f"{family}_avg",
+                "metric": "accuracy",
+                "value": sum(accs) / len(accs),
+                "n": len(accs),
+                "stderr": None,
+                "protocol": "unweighted-mean-over-sets",
+                "protocol_detail": {"sets": len(accs)},
+            }
+        )
     return rows

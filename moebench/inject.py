@@ -117,4 +117,6 @@ def inject(model: nn.Module, method: Method, config: Any) -> Adapted:
 
 
 def closed_form_trainable(adapted: Adapted, model_config: Any) -> int:
-    return adapted.method.trainable_parameters(adapted.config, ModelShapes.from_config(model_config))
+    return adapted.method.trainable_parameters(
+        adapted.config, ModelShapes.from_config(model_config)
+    )

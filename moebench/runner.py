@@ -76,8 +76,16 @@ class _LogBuffer:
     last_step: int = 0
 
     def add(self, s: StepLog) -> None:
-        self.rows.append({"step": s.step, "loss": s.loss, "lr": s.lr, "tokens": s.tokens,
-                          "aux_losses": s.aux or None, "stats": s.stats or None})
+        self.rows.append(
+            {
+                "step": s.step,
+                "loss": s.loss,
+                "lr": s.lr,
+                "tokens": s.tokens,
+                "aux_losses": s.aux or None,
+                "stats": s.stats or None,
+            }
+        )
         self.last_step = s.step
         if len(self.rows) >= LOG_FLUSH_EVERY:
             self.flush()
@@ -102,10 +110,21 @@ def git_sha() -> str | None:
     """The source tree's commit (with '-dirty' when it has local changes), if it is a checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("-dirty" if dirty else "")
@@ -113,7 +132,8 @@ def git_sha() -> str | None:
 
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "platform": platform.platform(), "machine": platform.machine(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
@@ -128,7 +148,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def load_eval_items(spec: RunSpec, eval_files: dict[str, Path]) -> dict[str, tuple[Task, list[Item]]]:
+def load_eval_items(
+    spec: RunSpec, eval_files: dict[str, Path]
+) -> dict[str, tuple[Task, list[Item]]]:
     return {
         name: (get_task(name), get_task(name).load_items(path, spec.eval.limit))
         for name, path in eval_files.items()
@@ -153,12 +175,23 @@ def execute(
 
     resume_from: Path | None = None
     if resume_run is None:
-        config = {**spec.to_dict(), "_data": {"root": str(suite.data_root),
-                                               "sha256": suite.fingerprint()}}
+        config = {
+            **spec.to_dict(),
+            "_data": {"root": str(suite.data_root), "sha256": suite.fingerprint()},
+        }
         run_id = db.create_run(
-            store, method=spec.method, model=spec.model, suite=spec.suite, config=config,
-            config_hash=spec.hash, seed=spec.seed, versions=package_versions(),
-            git_sha=git_sha(), hardware=hardware(), output_dir=None, status="running",
+            store,
+            method=spec.method,
+            model=spec.model,
+            suite=spec.suite,
+            config=config,
+            config_hash=spec.hash,
+            seed=spec.seed,
+            versions=package_versions(),
+            git_sha=git_sha(),
+            hardware=hardware(),
+            output_dir=None,
+            status="running",
         )
         out_dir = Path(env.output_dir or Path("results") / "runs" / str(run_id)).resolve()
         db.update_run(store, run_id, output_dir=str(out_dir))
@@ -179,36 +212,61 @@ def execute(
         method = get_method(spec.method)
         adapted = inject(model, method, spec.method_config)
         trainable, total = count_parameters(model)
-        closed = method.trainable_parameters(spec.method_config, ModelShapes.from_config(model.config))
+        closed = method.trainable_parameters(
+            spec.method_config, ModelShapes.from_config(model.config)
+        )
         if closed != trainable:
             log.warning("closed-form count %d differs from counted %d", closed, trainable)
         db.update_run(store, run_id, trainable_params=trainable, total_params=total)
         examples = [
-            tokenize_row(r, tokenizer, template=spec.train.template, cutoff_len=spec.train.cutoff_len,
-                         train_on_prompt=spec.train.train_on_prompt,
-                         task_label=_task_label(r.task or task))
+            tokenize_row(
+                r,
+                tokenizer,
+                template=spec.train.template,
+                cutoff_len=spec.train.cutoff_len,
+                train_on_prompt=spec.train.train_on_prompt,
+                task_label=_task_label(r.task or task),
+            )
             for r, task in train_rows
         ]
-        observer.started(run_id, {
-            "model": describe(spec.model), "trainable": trainable, "total": total,
-            "rows": len(examples), "device": str(device), "output_dir": str(out_dir),
-            "resume_from": str(resume_from) if resume_from else None,
-        })
+        observer.started(
+            run_id,
+            {
+                "model": describe(spec.model),
+                "trainable": trainable,
+                "total": total,
+                "rows": len(examples),
+                "device": str(device),
+                "output_dir": str(out_dir),
+                "resume_from": str(resume_from) if resume_from else None,
+            },
+        )
         hooks = TrainHooks(
             on_step=lambda s: (logs.add(s), observer.step(s)),
-            on_checkpoint=lambda step, path: (logs.flush(),
-                                              db.add_checkpoint(store, run_id, step, str(path))),
+            on_checkpoint=lambda step, path: (
+                logs.flush(),
+                db.add_checkpoint(store, run_id, step, str(path)),
+            ),
         )
-        result = train(adapted, examples, spec.train, seed=spec.seed,
-                       checkpoint_root=out_dir / "checkpoints", resume_from=resume_from,
-                       hooks=hooks)
+        result = train(
+            adapted,
+            examples,
+            spec.train,
+            seed=spec.seed,
+            checkpoint_root=out_dir / "checkpoints",
+            resume_from=resume_from,
+            hooks=hooks,
+        )
         logs.flush()
         save_adapter(adapted, spec, out_dir / "adapter")
         results = score_all(adapted, tokenizer, spec, evals, store, run_id, observer, amp)
         db.add_metrics(store, run_id, group_average(results, {k: v[0] for k, v in evals.items()}))
         db.update_run(
-            store, run_id, wall_time_s=time.perf_counter() - started,
-            peak_memory_bytes=peak_memory_bytes(device), tokens_per_s=result.tokens_per_s,
+            store,
+            run_id,
+            wall_time_s=time.perf_counter() - started,
+            peak_memory_bytes=peak_memory_bytes(device),
+            tokens_per_s=result.tokens_per_s,
         )
         db.set_status(store, run_id, "done")
         return run_id
@@ -230,8 +288,14 @@ def _mark(store: db.Store, run_id: int, logs: _LogBuffer, status: str, reason: s
         row = db.get_run(store, run_id)
         ckpt = row.get("last_checkpoint")
         where = f" at step {logs.last_step}" if logs.last_step else ""
-        tail = (f"; last checkpoint: {ckpt} (step {row.get('last_step')}); continue with "
-                f"`moebench run --resume {run_id}`") if ckpt else "; no checkpoint was written yet"
+        tail = (
+            (
+                f"; last checkpoint: {ckpt} (step {row.get('last_step')}); continue with "
+                f"`moebench run --resume {run_id}`"
+            )
+            if ckpt
+            else "; no checkpoint was written yet"
+        )
         db.set_status(store, run_id, status, f"{reason}{where}{tail}")
     except Exception:  # the store itself failing must not hide why the run stopped
         log.exception("could not record the end of run %d", run_id)
@@ -253,8 +317,14 @@ def save_adapter(adapted: Adapted, spec: RunSpec, folder: Path) -> None:
 
 
 def score_all(
-    adapted: Adapted, tokenizer: Any, spec: RunSpec, evals: dict[str, tuple[Task, list[Item]]],
-    store: db.Store, run_id: int, observer: Observer, amp: torch.dtype | None,
+    adapted: Adapted,
+    tokenizer: Any,
+    spec: RunSpec,
+    evals: dict[str, tuple[Task, list[Item]]],
+    store: db.Store,
+    run_id: int,
+    observer: Observer,
+    amp: torch.dtype | None,
 ) -> list[TaskResult]:
     """Score every set, storing each as soon as it is done so a later failure loses nothing."""
     template = spec.eval.template or spec.train.template
@@ -266,8 +336,16 @@ def score_all(
     try:
         for name, (task, items) in evals.items():
             observer.eval_started(name, len(items))
-            r = evaluate_task(adapted, tokenizer, task, items, spec.eval, template, amp,
-                              on_batch=observer.eval_progress)
+            r = evaluate_task(
+                adapted,
+                tokenizer,
+                task,
+                items,
+                spec.eval,
+                template,
+                amp,
+                on_batch=observer.eval_progress,
+            )
             db.add_predictions(store, run_id, r.predictions)
             db.add_metrics(store, run_id, r.metrics)
             observer.task_done(r)
@@ -293,8 +371,12 @@ def resume(run_id: int, env: RunEnv, observer: Observer | None = None) -> int:
             f"Run {run_id}'s stored config no longer resolves to the same settings (hash "
             f"{spec.hash[:12]} vs {row['config_hash'][:12]}); this moebench changed a default."
         )
-    return execute(spec, RunEnv(db=env.db, data_dir=env.data_dir or _stored_root(row)), observer,
-                   resume_run=run_id)
+    return execute(
+        spec,
+        RunEnv(db=env.db, data_dir=env.data_dir or _stored_root(row)),
+        observer,
+        resume_run=run_id,
+    )
 
 
 def _stored_root(row: dict[str, Any]) -> str | None:

@@ -121,8 +121,13 @@ def resolve(
     if problems:
         raise ConfigError("; ".join(problems) + ".")
     return RunSpec(
-        method=method.name, model=str(top["model"]), suite=suite.name, seed=top["seed"],
-        method_config=built["method_config"], train=built["train"], eval=built["eval"],
+        method=method.name,
+        model=str(top["model"]),
+        suite=suite.name,
+        seed=top["seed"],
+        method_config=built["method_config"],
+        train=built["train"],
+        eval=built["eval"],
     )
 
 
@@ -143,6 +148,6 @@ def _locate_key(key: str, classes: dict[str, type], method: str) -> tuple[str, s
         raise ConfigError(f"--set {key} is ambiguous; write {choices}.")
     known = set().union(*(_field_names(c) for c in classes.values()))
     raise ConfigError(
-        f"Unknown config key '{key}' for method '{method}'; `moebench methods` lists method "
-        f"fields and `moebench run --help` the loop's." + did_you_mean(key, known)
+        f"Unknown config key '{key}' for method '{method}'; `moebench methods` lists every "
+        "method, train and eval field." + did_you_mean(key, known)
     )

@@ -28,7 +28,13 @@ log = logging.getLogger(__name__)
 
 UPSTREAM = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/"
 COMMONSENSE8 = (
-    "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+    "boolq",
+    "piqa",
+    "social_i_qa",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
     "openbookqa",
 )
 MATH5 = ("gsm8k", "svamp", "addsub", "multiarith", "singleeq")
@@ -83,7 +89,9 @@ SUITES: dict[str, Suite] = {
             name="commonsense-170k",
             version="1",
             help="LLM-Adapters commonsense_170k -> the 8 commonsense sets (needs the files)",
-            train=(TrainFile("commonsense_170k.json", None, "ft-training_set/commonsense_170k.json"),),
+            train=(
+                TrainFile("commonsense_170k.json", None, "ft-training_set/commonsense_170k.json"),
+            ),
             eval_tasks=COMMONSENSE8,
         ),
         Suite(
@@ -100,8 +108,10 @@ SUITES: dict[str, Suite] = {
             train=tuple(
                 TrainFile(f"{folder}/train.json", task, f"dataset/{folder}/train.json")
                 for folder, task in [
-                    ("boolq", "boolq"), ("ARC-Challenge", "arc_challenge"),
-                    ("ARC-Easy", "arc_easy"), ("openbookqa", "openbookqa"),
+                    ("boolq", "boolq"),
+                    ("ARC-Challenge", "arc_challenge"),
+                    ("ARC-Easy", "arc_easy"),
+                    ("openbookqa", "openbookqa"),
                 ]
             ),
             eval_tasks=("boolq", "arc_challenge", "arc_easy", "openbookqa"),
@@ -134,7 +144,9 @@ def data_root(data_dir: str | None) -> Path | None:
 
 
 def _locate(rel: str, upstream: str | None, root: Path | None, suite: str) -> Path:
-    candidates = [root / rel, root / "ft-training_set" / rel, root / "dataset" / rel] if root else []
+    candidates = (
+        [root / rel, root / "ft-training_set" / rel, root / "dataset" / rel] if root else []
+    )
     download = cache_dir() / "data" / "llm-adapters" / rel
     for c in [*candidates, download]:
         if c.is_file():
@@ -161,7 +173,9 @@ def _locate(rel: str, upstream: str | None, root: Path | None, suite: str) -> Pa
     )
 
 
-def resolve(suite: Suite, data_dir: str | None, eval_tasks: tuple[str, ...] | None = None) -> ResolvedSuite:
+def resolve(
+    suite: Suite, data_dir: str | None, eval_tasks: tuple[str, ...] | None = None
+) -> ResolvedSuite:
     """Find every file the suite needs, or raise one DataError naming the first missing one."""
     tasks = eval_tasks or suite.eval_tasks
     for t in tasks:
@@ -170,9 +184,7 @@ def resolve(suite: Suite, data_dir: str | None, eval_tasks: tuple[str, ...] | No
         root: Path | None = mini_root()
     else:
         root = data_root(data_dir)
-    train = tuple(
-        (_locate(f.path, f.upstream, root, suite.name), f.task) for f in suite.train
-    )
+    train = tuple((_locate(f.path, f.upstream, root, suite.name), f.task) for f in suite.train)
     evals = {}
     for t in tasks:
         folder = get_task(t).folder

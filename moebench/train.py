@@ -178,9 +178,7 @@ def _set_phase_trainable(adapted: Adapted, phase: Phase) -> None:
         p.requires_grad_(phase.trainable is None or phase.trainable(name))
 
 
-def token_loss_sum(
-    adapted: Adapted, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, int]:
+def token_loss_sum(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over counted (non-masked) positions, and their number.
 
     The output layer runs only on positions that count: on small models the vocab projection is
@@ -237,12 +235,19 @@ def train(
     if resume_from is not None:
         state, adapter = load_checkpoint(resume_from, optimizer)
         adapted.load_adapter_state_dict(adapter)
-        log.info("resumed at step %d (epoch %d, batch %d)", state.step, state.epoch,
-                 state.batch_in_epoch)
+        log.info(
+            "resumed at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch
+        )
     log.info(
         "training: %d rows, %d micro-batches/epoch, %d steps/epoch, %d total steps, "
-        "accumulation %d, device %s, autocast %s", len(examples), n_micro, per_epoch, total,
-        cfg.accumulation, device, amp,
+        "accumulation %d, device %s, autocast %s",
+        len(examples),
+        n_micro,
+        per_epoch,
+        total,
+        cfg.accumulation,
+        device,
+        amp,
     )
 
     step, epoch, mb, tokens = state.step, state.epoch, state.batch_in_epoch, state.tokens_seen
@@ -302,8 +307,14 @@ def train(
         elapsed = time.perf_counter() - t0
         hooks.on_step(
             StepLog(
-                step=step, total_steps=total, epoch=epoch, phase=phase.name, loss=ce,
-                aux=aux_values, lr=lr, tokens=tokens,
+                step=step,
+                total_steps=total,
+                epoch=epoch,
+                phase=phase.name,
+                loss=ce,
+                aux=aux_values,
+                lr=lr,
+                tokens=tokens,
                 tokens_per_s=(tokens - tokens_at_t0) / max(elapsed, 1e-9),
                 stats=adapted.collect_stats(),
             )

@@ -16,15 +16,32 @@ import pytest
 from moebench import store
 from tests.conftest import shared_data_or_skip
 
-TINY = ["--model", "tiny-llama", "--max-steps", "4", "--limit", "3",
-        "--set", "train.batch_size=8", "--set", "train.checkpoint_every=2"]
+TINY = [
+    "--model",
+    "tiny-llama",
+    "--max-steps",
+    "4",
+    "--limit",
+    "3",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.checkpoint_every=2",
+]
 
 
-def moebench(*args: str, cwd: Path, env: dict[str, str] | None = None,
-             timeout: int = 300) -> subprocess.CompletedProcess[str]:
+def moebench(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "moebench", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "moebench", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_run_end_to_end_stores_a_reproducible_done_run(tmp_path: Path) -> None:
@@ -73,8 +90,10 @@ def _one_clean_error(r: subprocess.CompletedProcess[str], *needles: str) -> None
         (["--set", "rnak=4"], ["Unknown config key 'rnak'", "rank"]),
         (["--set", "rank=-4"], ["rank=-4 must be a positive integer"]),
         (["--set", "train.lr=fast"], ["train.lr='fast' is not a number"]),
-        (["--suite", "la-commonsense4", "--data-dir", "/no/such/folder"],
-         ["Data folder '/no/such/folder' does not exist"]),
+        (
+            ["--suite", "la-commonsense4", "--data-dir", "/no/such/folder"],
+            ["Data folder '/no/such/folder' does not exist"],
+        ),
         (["--set", "noequals"], ["is not of the form key=value"]),
     ],
 )
@@ -83,11 +102,23 @@ def test_bad_input_gives_one_sentence_and_keeps_the_store(
 ) -> None:
     db = f"sqlite:///{tmp_path / 'keep.db'}"
     s = store.open_store(db)
-    keep = store.create_run(s, method="lora", model="m", suite="mini", config={"a": 1},
-                            config_hash="h", seed=1, versions={}, git_sha=None, hardware={},
-                            output_dir=None, status="done")
-    r = moebench("run", "--model", "tiny-llama", *args, "--db", db, cwd=tmp_path,
-                 env={"HF_HUB_OFFLINE": "1"})
+    keep = store.create_run(
+        s,
+        method="lora",
+        model="m",
+        suite="mini",
+        config={"a": 1},
+        config_hash="h",
+        seed=1,
+        versions={},
+        git_sha=None,
+        hardware={},
+        output_dir=None,
+        status="done",
+    )
+    r = moebench(
+        "run", "--model", "tiny-llama", *args, "--db", db, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}
+    )
     _one_clean_error(r, *needles)
     assert store.get_run(s, keep)["status"] == "done"
 
@@ -105,7 +136,9 @@ def test_malformed_data_file_fails_and_is_recorded_without_traceback(tmp_path: P
         (data / folder).mkdir(parents=True)
         (data / folder / "test.json").write_text((shared / folder / "test.json").read_text())
         (data / folder / "train.json").write_text((shared / folder / "train.json").read_text())
-    (data / "openbookqa" / "train.json").write_text('[{"instruction": "q", "output": "a"}, {"instruction": 3}]')
+    (data / "openbookqa" / "train.json").write_text(
+        '[{"instruction": "q", "output": "a"}, {"instruction": 3}]'
+    )
     r = moebench("run", "--suite", "la-commonsense4", "--data-dir", str(data), *TINY, cwd=tmp_path)
     _one_clean_error(r, "openbookqa/train.json", "row 1")
 
@@ -113,10 +146,28 @@ def test_malformed_data_file_fails_and_is_recorded_without_traceback(tmp_path: P
 def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path) -> None:
     db_file = tmp_path / "i.db"
     db = f"sqlite:///{db_file}"
-    args = ["run", "--model", "tiny-llama", "--max-steps", "60", "--limit", "2",
-            "--set", "train.checkpoint_every=2", "--set", "train.batch_size=4", "--db", db]
-    proc = subprocess.Popen([sys.executable, "-m", "moebench", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "run",
+        "--model",
+        "tiny-llama",
+        "--max-steps",
+        "60",
+        "--limit",
+        "2",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.batch_size=4",
+        "--db",
+        db,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moebench", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     step = 0
     while time.time() < deadline and step < 4:
@@ -129,7 +180,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
                     step = 0
     assert step >= 4, "training never reached a checkpoint"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     s = store.open_store(db)

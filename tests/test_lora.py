@@ -9,7 +9,6 @@ from peft import LoraConfig, get_peft_model
 from moebench.inject import inject
 from moebench.method import get_method
 from moebench.models import load_model
-
 from tests.conftest import TINY_MODELS
 
 
@@ -34,8 +33,12 @@ def test_lora_equals_peft_for_the_same_weights(model_name: str, targets) -> None
     ours, tok = _adapted_with_random_b(model_name, **kw)
     base, _ = load_model(model_name)
     peft_cfg = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(ours.config.target_modules),
-        bias="none", task_type="CAUSAL_LM",
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=list(ours.config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(base, peft_cfg)
     peft_params = dict(peft_model.named_parameters())

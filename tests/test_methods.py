@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from moebench.inject import inject
 from moebench.method import ModelShapes, get_method
 from moebench.models import count_parameters, load_model, tiny_config
-
 from tests.conftest import METHOD_NAMES, TINY_MODELS
 
 
@@ -39,8 +38,13 @@ def test_initial_adapter_reproduces_base_logits(method: str, model_name: str) ->
 
 def _odd_ffn_model():  # type: ignore[no-untyped-def]
     cfg = LlamaConfig(
-        vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=256,
+        hidden_size=96,
+        intermediate_size=200,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return AutoModelForCausalLM.from_config(cfg)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moebench.tasks import MINI_DIR, MINI_EVAL_TASKS, MINI_TRAIN_FILE
 
 from moebench.prompts import build_prompt
 from moebench.task import TASKS, get_task
+from moebench.tasks import MINI_DIR, MINI_EVAL_TASKS, MINI_TRAIN_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_DATA = REPO.parent / "shared" / "data" / "llm-adapters"

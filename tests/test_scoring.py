@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
-from moebench.tasks import MINI_DIR
 
 from moebench.errors import ConfigError, DataError, NotFoundError
 from moebench.prompts import build_prompt
 from moebench.task import TASKS, Item, Score, Task, get_task
+from moebench.tasks import MINI_DIR
 
 PROMPT = build_prompt("alpaca", "A question with the number 42 in it?")
 UPSTREAM_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"

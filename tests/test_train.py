@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,12 @@ def _rows(n: int) -> list[Row]:
     # A learnable toy task: the answer is a fixed function of the question.
     words = ["red", "blue", "green", "black", "white", "pink", "gold", "grey"]
     return [
-        Row(f"What colour comes after {words[i % 8]}?", "", f"the answer is {words[(i + 1) % 8]}", None)
+        Row(
+            f"What colour comes after {words[i % 8]}?",
+            "",
+            f"the answer is {words[(i + 1) % 8]}",
+            None,
+        )
         for i in range(n)
     ]
 
@@ -69,7 +75,9 @@ def test_loss_counts_only_response_tokens_and_ignores_padding() -> None:
             logits = model(input_ids=ids).logits[0]
             for t in range(1, len(e.input_ids)):
                 if e.labels[t] != IGNORE_INDEX:
-                    expected += float(F.cross_entropy(logits[t - 1 : t], torch.tensor([e.labels[t]])))
+                    expected += float(
+                        F.cross_entropy(logits[t - 1 : t], torch.tensor([e.labels[t]]))
+                    )
                     count += 1
     assert n == count
     assert abs(float(total) - expected) < 1e-3 * count
@@ -83,7 +91,9 @@ def test_length_grouped_batches_cover_every_row_once_and_are_seeded() -> None:
     assert a != epoch_batches(lengths, 4, seed=1, epoch=1)
 
     def padding(batches):  # type: ignore[no-untyped-def]
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+        return sum(
+            max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches
+        )
 
     g = torch.Generator().manual_seed(1)
     perm = torch.randperm(203, generator=g).tolist()
@@ -97,17 +107,25 @@ def test_lr_warms_up_then_decays_linearly_to_zero() -> None:
     assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert lrs[4] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(1.0 / 16)
-    assert all(x > y for x, y in zip(lrs[4:], lrs[5:], strict=False))
+    assert all(x > y for x, y in itertools.pairwise(lrs[4:]))
 
 
-def _train(tmp: Path, steps: int, *, resume: Path | None = None, hooks: TrainHooks | None = None,
-           **cfg):  # type: ignore[no-untyped-def]
+def _train(
+    tmp: Path, steps: int, *, resume: Path | None = None, hooks: TrainHooks | None = None, **cfg
+):  # type: ignore[no-untyped-def]
     model, tok = load_model("tiny-llama")
     torch.manual_seed(7)
     adapted = inject(model, get_method("lora"), get_method("lora").config_cls(rank=4, dropout=0.1))
     exs = _examples(tok, _rows(40))
-    opts = {"max_steps": steps, "batch_size": 8, "micro_batch_size": 4, "warmup_steps": 2,
-            "checkpoint_every": 3, "lr": 1e-3, **cfg}
+    opts = {
+        "max_steps": steps,
+        "batch_size": 8,
+        "micro_batch_size": 4,
+        "warmup_steps": 2,
+        "checkpoint_every": 3,
+        "lr": 1e-3,
+        **cfg,
+    }
     tc = TrainConfig(**opts)
     result = train(adapted, exs, tc, seed=7, checkpoint_root=tmp, resume_from=resume, hooks=hooks)
     return adapted, result
