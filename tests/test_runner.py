@@ -1,0 +1,60 @@
+"""A run as a stored job: failures are recorded with their reason, nothing computed is lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moebench import store
+from moebench.errors import TrainingDiverged
+from moebench.models import load_model
+from moebench.runner import RunEnv, execute
+from moebench.runspec import resolve
+
+
+def test_a_diverging_run_is_marked_failed_with_its_step_and_keeps_its_log(tmp_path: Path) -> None:
+    model, tok = load_model("tiny-llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.fill_(float("inf"))
+    folder = tmp_path / "poisoned-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    spec = resolve(options={"model": str(folder), "max_steps": 3, "limit": 2})
+    with pytest.raises(TrainingDiverged):
+        execute(spec, RunEnv(db=db, output_dir=str(tmp_path / "out")))
+    s = store.open_store(db)
+    (run,) = store.list_runs(s)
+    assert run["status"] == "failed"
+    assert "non-finite" in run["status_reason"] and "step 1" in run["status_reason"]
+    assert run["model"] == str(folder)
+
+
+def test_scores_of_finished_sets_survive_a_failure_later_in_evaluation(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'e.db'}"
+    spec = resolve(
+        options={"model": "tiny-llama", "max_steps": 2, "limit": 2},
+        sets=[("eval.tasks", "boolq,piqa")],
+    )
+    calls = []
+
+    class StopAfterFirstSet:
+        def started(self, run_id, info): ...  # type: ignore[no-untyped-def]
+        def step(self, s): ...  # type: ignore[no-untyped-def]
+        def eval_started(self, task, n): ...  # type: ignore[no-untyped-def]
+        def eval_progress(self, n): ...  # type: ignore[no-untyped-def]
+
+        def task_done(self, result):  # type: ignore[no-untyped-def]
+            calls.append(result.task)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(spec, RunEnv(db=db, output_dir=str(tmp_path / "o")), StopAfterFirstSet())
+    s = store.open_store(db)
+    (run,) = store.list_runs(s)
+    assert run["status"] == "interrupted"
+    assert {m["task"] for m in store.get_metrics(s, run["id"])} == {"boolq"}
+    assert len(store.get_predictions(s, run["id"])) == 2
+    assert [r["step"] for r in store.get_training_log(s, run["id"])] == [1, 2]
