@@ -9,16 +9,15 @@ the order is a pure function of (seed, epoch), which is what makes a resumed run
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from moebench.errors import DataError
+from moebench.jsonfiles import read_json_array
 from moebench.prompts import build_prompt
 
 IGNORE_INDEX = -100
@@ -40,28 +39,8 @@ class Example:
     task_label: int  # per-sample task type (LoRAMoE's knowledge flag); -1 when unknown
 
 
-def read_json_rows(path: Path) -> list[dict[str, Any]]:
-    """A JSON array of objects, or a DataError naming the file and what is wrong."""
-    if not path.is_file():
-        raise DataError(f"Data file '{path}' does not exist.")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"Data file '{path}' is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-            "expected a JSON array of {instruction, input, output, answer} objects."
-        ) from None
-    except UnicodeDecodeError:
-        raise DataError(f"Data file '{path}' is not UTF-8 text.") from None
-    if not isinstance(rows, list):
-        raise DataError(f"Data file '{path}' holds a {type(rows).__name__}, not a JSON array.")
-    if not rows:
-        raise DataError(f"Data file '{path}' is an empty array; it needs at least one row.")
-    return rows
-
-
 def load_training_rows(path: Path) -> list[Row]:
-    rows = read_json_rows(path)
+    rows = read_json_array(path)
     out = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moebench.data import read_json_rows
 from moebench.errors import DataError, unknown
+from moebench.jsonfiles import read_json_array
 from moebench.models import cache_dir
 from moebench.task import get_task
 
@@ -199,7 +199,7 @@ def mini_corpus() -> list[str]:
     root = mini_root()
     texts = []
     for path in [root / "train.json", *sorted(root.glob("*/test.json"))]:
-        for row in read_json_rows(path):
+        for row in read_json_array(path):
             texts.append(build_prompt("alpaca", row["instruction"], row.get("input") or ""))
             texts.append(row["output"])
     return texts

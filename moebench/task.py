@@ -20,7 +20,6 @@ group.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moebench.errors import ConfigError, DataError
+from moebench.jsonfiles import json_type, read_json_array
 from moebench.prompts import RESPONSE_MARKER
 from moebench.registry import Registry
 
@@ -144,7 +144,7 @@ class Task:
         if limit is not None and limit < 1:
             raise ConfigError(f"limit={limit} for task '{self.name}' must be a positive row count.")
         path = Path(path)
-        rows = _read_json_array(path)
+        rows = read_json_array(path)
         items = [self._item(path, i, row) for i, row in enumerate(rows)]
         return items if limit is None else items[:limit]
 
@@ -152,7 +152,7 @@ class Task:
         where = f"Row {index} of {path}"
         if not isinstance(row, dict):
             raise DataError(
-                f"{where} is a JSON {_json_type(row)}, expected an object with "
+                f"{where} is a JSON {json_type(row)}, expected an object with "
                 "'instruction', 'input', 'output' and 'answer'."
             )
         for key in ("instruction", "answer"):
@@ -166,7 +166,7 @@ class Task:
         for key, value in fields.items():
             if not isinstance(value, str):
                 raise DataError(
-                    f"{where}: '{key}' must be a string, found a JSON {_json_type(value)}."
+                    f"{where}: '{key}' must be a string, found a JSON {json_type(value)}."
                 )
         self._check_gold(where, fields["answer"])
         return Item(item_id=f"{self.name}/{index}", task=self.name, **fields)
@@ -190,38 +190,8 @@ class Task:
             )
 
 
-def _read_json_array(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"Data file {path} does not exist.") from None
-    except IsADirectoryError:
-        raise DataError(f"Data file {path} is a directory, expected a JSON file.") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"Data file {path} is not UTF-8 text (byte {e.start}).") from None
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"Data file {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
-            "is it truncated?"
-        ) from None
-    if not isinstance(rows, list):
-        raise DataError(
-            f"Data file {path} holds a JSON {_json_type(rows)}, expected an array of rows."
-        )
-    if not rows:
-        raise DataError(f"Data file {path} holds an empty array; an eval set needs rows.")
-    return rows
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
 
 
 def _short(value: str, width: int = 40) -> str:
