@@ -58,12 +58,11 @@ class ProgressObserver:
         if self.train_bar is None:
             self.train_bar = self.progress.add_task("train", total=s.total_steps)
         aux = "".join(f" {k} {v:.4f}" for k, v in s.aux.items())
-        self.progress.update(
-            self.train_bar,
-            completed=s.step,
-            description=f"train [{s.phase}] loss {s.loss:.4f}{aux} lr {s.lr:.2e} "
-            f"{s.tokens_per_s:,.0f} tok/s",
-        )
+        line = f"train [{s.phase}] loss {s.loss:.4f}{aux} lr {s.lr:.2e} {s.tokens_per_s:,.0f} tok/s"
+        self.progress.update(self.train_bar, completed=s.step, description=line)
+        if not self.progress.console.is_terminal and (s.step % 10 == 0 or s.step == s.total_steps):
+            # A log file gets no live bar: leave a line every 10 steps instead.
+            self.progress.console.print(f"step {s.step}/{s.total_steps} {line}")
 
     def eval_started(self, task: str, n: int) -> None:
         self.eval_bar = self.progress.add_task(f"eval {task}", total=n)
