@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import itertools
 import json
 import logging
@@ -59,7 +60,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-import moebench
 from moebench.components import ALL_LINEARS
 from moebench.data import IGNORE_INDEX, Example, epoch_batches, load_training_rows, tokenize_row
 from moebench.inject import inject
@@ -83,6 +83,7 @@ class Run:
     padded: int  # positions processed in the window, padding included
     seconds: float
     final_loss: float
+    step_seconds: list[float]  # each timed step's duration, to see noise in the JSON
 
     @property
     def tokens_per_s(self) -> float:
@@ -98,12 +99,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _window(marks: Sequence[tuple[float, int, int]]) -> tuple[int, int, int, float]:
-    """(steps, tokens, padded, seconds) from the end of step 1 to the end of the last step."""
-    if len(marks) < 2:
-        raise SystemExit("need --steps >= 2: the first step is excluded from the timing")
+def _window(
+    marks: Sequence[tuple[float, int, int]],
+) -> tuple[int, int, int, float, list[float]]:
+    """(steps, tokens, padded, seconds, per-step seconds) from the end of step 1 to the end of
+    the last step."""
     (t1, tok1, pad1), (tn, tokn, padn) = marks[0], marks[-1]
-    return len(marks) - 1, tokn - tok1, padn - pad1, tn - t1
+    per_step = [b[0] - a[0] for a, b in itertools.pairwise(marks)]
+    return len(marks) - 1, tokn - tok1, padn - pad1, tn - t1, per_step
 
 
 # --- moebench ---------------------------------------------------------------------------------
@@ -183,10 +186,8 @@ def run_moebench(
     cum_pad = list(itertools.accumulate(p for _, p in sizes))
     if cum_real != [t for _, t in marks]:
         raise RuntimeError("replayed moebench batch order disagrees with the loop's token count")
-    n, tokens, pad, secs = _window(
-        [(t, tok, p) for (t, tok), p in zip(marks, cum_pad, strict=True)]
-    )
-    return Run("moebench", repeat, n, tokens, pad, secs, losses[-1])
+    window = _window([(t, tok, p) for (t, tok), p in zip(marks, cum_pad, strict=True)])
+    return Run("moebench", repeat, *window[:4], losses[-1], window[4])
 
 
 # --- peft + HF Trainer ------------------------------------------------------------------------
@@ -215,8 +216,10 @@ class PadCollator:
 class CountingTrainer(Trainer):
     """`Trainer` that counts the tokens of every micro-batch it trains on (and nothing else)."""
 
-    real_tokens = 0
-    padded_tokens = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.real_tokens = 0
+        self.padded_tokens = 0
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
         mask = inputs["attention_mask"]
@@ -295,9 +298,9 @@ def run_hf(
         clock.trainer = trainer
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    n, tokens, pad, secs = _window(clock.marks)
+    window = _window(clock.marks)
     side = "hf-trainer grouped" if grouped else "hf-trainer"
-    return Run(side, repeat, n, tokens, pad, secs, losses[-1] if losses else float("nan"))
+    return Run(side, repeat, *window[:4], losses[-1] if losses else float("nan"), window[4])
 
 
 # --- driver -----------------------------------------------------------------------------------
@@ -309,12 +312,12 @@ def best(runs: Sequence[Run], side: str) -> Run:
 
 def table(runs: Sequence[Run]) -> str:
     head = f"{'side':<20} {'run':>3} {'steps':>5} {'tokens':>7} {'pad %':>6} {'seconds':>8} "
-    head += f"{'tokens/s':>9} {'loss':>7}"
+    head += f"{'tokens/s':>9} {'last loss':>9}"
     lines = [head, "-" * len(head)]
     for r in runs:
         lines.append(
             f"{r.side:<20} {r.repeat:>3} {r.steps:>5} {r.tokens:>7} {100 * r.pad_fraction:>6.1f} "
-            f"{r.seconds:>8.2f} {r.tokens_per_s:>9.1f} {r.final_loss:>7.3f}"
+            f"{r.seconds:>8.2f} {r.tokens_per_s:>9.1f} {r.final_loss:>9.3f}"
         )
     return "\n".join(lines)
 
@@ -334,9 +337,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json-out", type=Path, default=None)
     a = p.parse_args(argv)
+    if a.steps < 2:
+        p.error("--steps must be >= 2: the first step is excluded from the timing")
 
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore")
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -382,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "ratio": ours.tokens_per_s / hf.tokens_per_s,
+        "best_tokens_per_s": {
+            side: best(runs, side).tokens_per_s for side in dict.fromkeys(r.side for r in runs)
+        },
     }
     if a.hf_grouped:
         hg = best(runs, "hf-trainer grouped")
@@ -392,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "moebench": moebench.__version__ if hasattr(moebench, "__version__") else "editable",
+        "moebench": importlib.metadata.version("moebench"),
     }
     summary["runs"] = [
         asdict(r) | {"tokens_per_s": r.tokens_per_s, "pad_fraction": r.pad_fraction} for r in runs

@@ -178,8 +178,8 @@ def _set_phase_trainable(adapted: Adapted, phase: Phase) -> None:
         p.requires_grad_(phase.trainable is None or phase.trainable(name))
 
 
-def token_loss_sum(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over counted (non-masked) positions, and their number.
+def token_loss_sum(adapted: Adapted, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the counted (non-masked) positions.
 
     The output layer runs only on positions that count: on small models the vocab projection is
     most of the compute, and prompt and padding positions would be thrown away anyway.
@@ -196,8 +196,7 @@ def token_loss_sum(adapted: Adapted, batch: dict[str, torch.Tensor]) -> tuple[to
     else:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1][keep]
-    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
 
 
 def _has_logit_transform(model: torch.nn.Module) -> bool:
@@ -275,20 +274,21 @@ def train(
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         ce_total = torch.zeros((), device=device)
         aux_total: dict[str, torch.Tensor] = {}
+        rows = sum(len(x["input_ids"]) for x in batches)
         for b in batches:
-            b = {k: v.to(device) for k, v in b.items()}
+            tokens += int(b["attention_mask"].sum())  # counted on the CPU copy: no device sync
+            share = len(b["input_ids"]) / rows
+            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             adapted.context.attention_mask = b["attention_mask"]
             adapted.context.task_labels = b["task_labels"]
             with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                ce_sum, _ = token_loss_sum(adapted, b)
+                ce_sum = token_loss_sum(adapted, b)
                 aux = adapted.collect_aux_losses()
-            share = len(b["input_ids"]) / sum(len(x["input_ids"]) for x in batches)
             loss = ce_sum / max(n_tokens, 1) + sum((v * share for v in aux.values()), 0.0)
             loss.backward()
             ce_total += ce_sum.detach()
             for k, v in aux.items():
                 aux_total[k] = aux_total.get(k, 0) + v.detach() * share
-            tokens += int(b["attention_mask"].sum())
         ce = float(ce_total) / max(n_tokens, 1)
         aux_values = {k: float(v) for k, v in aux_total.items()}
         if not all(math.isfinite(v) for v in [ce, *aux_values.values()]):

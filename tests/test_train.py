@@ -67,7 +67,8 @@ def test_loss_counts_only_response_tokens_and_ignores_padding() -> None:
     exs = _examples(tok, rows)
     batch = collate(exs, pad_id=tok.pad_token_id)
     with torch.no_grad():
-        total, n = token_loss_sum(adapted, batch)
+        total = token_loss_sum(adapted, batch)
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         # independent computation: each row alone, full logits, positions picked by hand
         expected, count = 0.0, 0
         for e in exs:
