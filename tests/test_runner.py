@@ -58,3 +58,21 @@ def test_scores_of_finished_sets_survive_a_failure_later_in_evaluation(tmp_path:
     assert {m["task"] for m in store.get_metrics(s, run["id"])} == {"boolq"}
     assert len(store.get_predictions(s, run["id"])) == 2
     assert [r["step"] for r in store.get_training_log(s, run["id"])] == [1, 2]
+
+
+def test_loglik_mode_scores_commonsense_by_label_and_math_by_generation(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'l.db'}"
+    spec = resolve(
+        options={"model": "tiny-qwen2", "max_steps": 1, "limit": 3},
+        sets=[("eval.mode", "loglik"), ("eval.tasks", "arc_challenge,gsm8k")],
+    )
+    run_id = execute(spec, RunEnv(db=db, output_dir=str(tmp_path / "o")))
+    s = store.open_store(db)
+    protocols = {m["task"]: m["protocol"] for m in store.get_metrics(s, run_id)}
+    assert protocols["arc_challenge"] == "llm-adapters-loglik/alpaca"
+    assert protocols["gsm8k"].startswith("llm-adapters-gen/alpaca/greedy/max256")
+    arc = store.get_predictions(s, run_id, task="arc_challenge")
+    assert all(
+        p["extracted"] in {"answer1", "answer2", "answer3", "answer4", "answer5"} for p in arc
+    )
+    assert not any(p["parse_failed"] for p in arc)
