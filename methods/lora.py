@@ -87,6 +87,9 @@ class LoRA(Method):
             return LoRALinear(module, config.rank, config.alpha, config.dropout)
         return None
 
+    def target_names(self, config: Any) -> tuple[str, ...]:
+        return config.target_modules
+
     def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
         per_layer = sum(
             config.rank * (s.d_in + s.d_out)

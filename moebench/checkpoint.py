@@ -103,8 +103,10 @@ def load_checkpoint(
     path: Path, optimizer: torch.optim.Optimizer
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """Restore optimizer and RNG state in place; return the position and the adapter weights."""
-    if not (path / "state.json").is_file():
-        raise ConfigError(f"'{path}' is not a moebench checkpoint (no state.json in it).")
+    needed = ("state.json", "adapter.safetensors", "optimizer.safetensors", "rng.safetensors")
+    missing = [f for f in needed if not (path / f).is_file()]
+    if missing:
+        raise ConfigError(f"Checkpoint '{path}' is incomplete (missing {', '.join(missing)}).")
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
     state: dict[int, dict[str, Any]] = {}

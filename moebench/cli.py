@@ -11,11 +11,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from moebench.config import field_help, load_file, parse_sets
-from moebench.errors import MoebenchError
+from moebench.errors import ConfigError, MoebenchError
 
 app = typer.Typer(
     help="moebench: one harness for LoRA mixture-of-experts methods.",
@@ -134,6 +135,30 @@ def run(
     with _progress() as progress:
         observer = ProgressObserver(progress)
         try:
+            given = [
+                name
+                for name, v in [
+                    ("--method", method),
+                    ("--model", model),
+                    ("--suite", suite),
+                    ("--seed", seed),
+                    ("--max-steps", max_steps),
+                    ("--limit", limit),
+                    ("--config", config),
+                    ("--set", set_),
+                    ("--rerun", rerun),
+                    ("--output-dir", output_dir),
+                ]
+                if v
+            ]
+            if resume is not None and given:
+                raise ConfigError(
+                    f"--resume continues run {resume} under its stored config, so "
+                    f"{', '.join(given)} cannot be changed; use --rerun {resume} with "
+                    "overrides for a new run."
+                )
+            if rerun is not None and config is not None:
+                raise ConfigError("--rerun and --config both give the base config; pass one.")
             if resume is not None:
                 run_id = runner.resume(resume, env, observer)
             else:
@@ -374,5 +399,5 @@ def main() -> None:
     try:
         app()
     except MoebenchError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -74,6 +75,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         )
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
+        if any(isinstance(v, str) and not v.strip() for v in items):
+            raise ValueError(f"{key}={value!r} has an empty item; write e.g. q_proj,v_proj")
         (item_tp, *_rest) = get_args(tp) or (str,)
         return tuple(coerce(v.strip() if isinstance(v, str) else v, item_tp, key) for v in items)
     if tp is bool:
@@ -97,9 +100,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{key}={value!r} is not a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}={value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{key}={value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

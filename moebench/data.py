@@ -51,6 +51,8 @@ def load_training_rows(path: Path) -> list[Row]:
                     f"Data file '{path}' row {i} has no string field '{key}' "
                     "(LLM-Adapters rows need instruction, input, output, answer)."
                 )
+        if not isinstance(r.get("task"), str | None):
+            raise DataError(f"Data file '{path}' row {i} has a non-string 'task' ({r['task']!r}).")
         out.append(Row(r["instruction"], str(r.get("input") or ""), r["output"], r.get("task")))
     return out
 

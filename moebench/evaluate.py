@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from moebench.config import check, doc
 from moebench.generation import continuation_logprobs, generate
 from moebench.inject import Adapted
-from moebench.prompts import build_prompt
+from moebench.prompts import TEMPLATES, build_prompt
 from moebench.task import LOGLIK_PREFIX, Item, Task
 
 
@@ -49,6 +49,8 @@ class EvalConfig:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit={self.limit} must be >= 1")
+        if self.template is not None and self.template not in TEMPLATES:
+            problems.append(f"template='{self.template}' is not one of {', '.join(TEMPLATES)}")
         check(problems, "eval")
 
 

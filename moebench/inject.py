@@ -103,6 +103,16 @@ def inject(model: nn.Module, method: Method, config: Any) -> Adapted:
             layers[qualified] = replacement
 
     visit(model, "")
+    found = {name.rsplit(".", 1)[-1] for name in layers}
+    missing = [t for t in method.target_names(config) if t not in found]
+    if missing and layers:
+        linears = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ConfigError(
+            f"target_modules {', '.join(missing)} matched no module of "
+            f"{type(model).__name__}; its linears are: {', '.join(linears)}."
+        )
     if not layers:
         raise ConfigError(
             f"Method '{method.name}' found no module to adapt in {type(model).__name__}; "

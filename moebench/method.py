@@ -121,6 +121,10 @@ class Method:
         """Closed-form count of the parameters this method trains on a model of these shapes."""
         raise NotImplementedError
 
+    def target_names(self, config: Any) -> tuple[str, ...]:
+        """Module-name suffixes the config asks for; each must match a module or it is a typo."""
+        return ()
+
     def phases(self, config: Any) -> tuple[Phase, ...]:
         return (Phase("train", 1.0),)
 

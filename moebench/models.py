@@ -80,10 +80,22 @@ def describe(name: str) -> str:
     return name
 
 
+def check_model_name(name: str) -> None:
+    """Reject a name that cannot be an alias, a folder or a hub id, before anything loads."""
+    if name in ALIASES or Path(name).expanduser().is_dir():
+        return
+    if "/" not in name or name.startswith((".", "/", "~")):
+        raise ModelError(
+            f"Unknown model '{name}': not an alias, not an existing folder, not a hub id "
+            f"(owner/name); aliases: {', '.join(ALIASES)}."
+        )
+
+
 def load_model(
     name: str, *, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) for an alias, a local folder or a hub id."""
+    check_model_name(name)
     spec = ALIASES.get(name)
     if spec is not None and spec.source == "tiny":
         model, tok = _tiny(spec.ref)
@@ -93,11 +105,6 @@ def load_model(
         model, tok = _from_pretrained(str(Path(name).expanduser()), name, dtype)
     else:
         hub_id = spec.ref if spec is not None else name
-        if spec is None and ("/" not in name or name.startswith((".", "/", "~"))):
-            raise ModelError(
-                f"Unknown model '{name}': not an alias, not an existing folder, not a hub id "
-                f"(owner/name); aliases: {', '.join(ALIASES)}."
-            )
         model, tok = _from_pretrained(hub_id, name, dtype)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -174,6 +174,7 @@ def execute(
     store = db.open_store(env.db)
 
     resume_from: Path | None = None
+    earlier_wall = 0.0  # wall time spent by earlier processes of a resumed run
     if resume_run is None:
         config = {
             **spec.to_dict(),
@@ -198,6 +199,13 @@ def execute(
     else:
         run_id = resume_run
         row = db.get_run(store, run_id)
+        stored = sorted(row["config"].get("_data", {}).get("sha256", {}).values())
+        if stored and stored != sorted(suite.fingerprint().values()):
+            raise ConfigError(
+                f"Run {run_id} was trained on other data than '{suite.data_root}' holds now "
+                "(file hashes differ); resume it with its own data, or --rerun it."
+            )
+        earlier_wall = row["wall_time_s"] or 0.0
         out_dir = Path(row["output_dir"])
         resume_from = latest_checkpoint(out_dir / "checkpoints")
         db.update_run(store, run_id, resumed_from_step=row["last_step"])
@@ -207,7 +215,9 @@ def execute(
     try:
         device = resolve_device(spec.train)
         amp = autocast_dtype(spec.train, device)
-        model, tokenizer = load_model(spec.model)
+        # Under bf16 autocast the frozen base is held in bf16 (half the memory, no per-forward
+        # casts); adapters stay fp32 (train() sees to it).
+        model, tokenizer = load_model(spec.model, dtype=amp or torch.float32)
         torch.manual_seed(spec.seed)  # adapter init; data order has its own seeded generator
         method = get_method(spec.method)
         adapted = inject(model, method, spec.method_config)
@@ -261,33 +271,42 @@ def execute(
         save_adapter(adapted, spec, out_dir / "adapter")
         results = score_all(adapted, tokenizer, spec, evals, store, run_id, observer, amp)
         db.add_metrics(store, run_id, group_average(results, {k: v[0] for k, v in evals.items()}))
+        speed = {"tokens_per_s": result.tokens_per_s} if result.steps_run else {}
         db.update_run(
             store,
             run_id,
-            wall_time_s=time.perf_counter() - started,
+            wall_time_s=earlier_wall + time.perf_counter() - started,
             peak_memory_bytes=peak_memory_bytes(device),
-            tokens_per_s=result.tokens_per_s,
+            **speed,
         )
         db.set_status(store, run_id, "done")
         return run_id
     except KeyboardInterrupt:
-        _mark(store, run_id, logs, "interrupted", "interrupted by the user")
+        _mark(store, run_id, logs, "interrupted", "interrupted by the user", earlier_wall, started)
         raise
     except MoebenchError as e:
-        _mark(store, run_id, logs, "failed", str(e))
+        _mark(store, run_id, logs, "failed", str(e), earlier_wall, started)
         raise
     except BaseException as e:
-        _mark(store, run_id, logs, "failed", f"{type(e).__name__}: {e}")
+        _mark(store, run_id, logs, "failed", f"{type(e).__name__}: {e}", earlier_wall, started)
         raise
 
 
-def _mark(store: db.Store, run_id: int, logs: _LogBuffer, status: str, reason: str) -> None:
+def _mark(
+    store: db.Store,
+    run_id: int,
+    logs: _LogBuffer,
+    status: str,
+    reason: str,
+    earlier_wall: float,
+    started: float,
+) -> None:
     """Record how a run ended without losing what it computed; never masks the original error."""
     try:
         logs.flush()
         row = db.get_run(store, run_id)
         ckpt = row.get("last_checkpoint")
-        where = f" at step {logs.last_step}" if logs.last_step else ""
+        where = f" after step {logs.last_step}" if logs.last_step and "step" not in reason else ""
         tail = (
             (
                 f"; last checkpoint: {ckpt} (step {row.get('last_step')}); continue with "
@@ -296,6 +315,7 @@ def _mark(store: db.Store, run_id: int, logs: _LogBuffer, status: str, reason: s
             if ckpt
             else "; no checkpoint was written yet"
         )
+        db.update_run(store, run_id, wall_time_s=earlier_wall + time.perf_counter() - started)
         db.set_status(store, run_id, status, f"{reason}{where}{tail}")
     except Exception:  # the store itself failing must not hide why the run stopped
         log.exception("could not record the end of run %d", run_id)
@@ -328,7 +348,9 @@ def score_all(
 ) -> list[TaskResult]:
     """Score every set, storing each as soon as it is done so a later failure loses nothing."""
     template = spec.eval.template or spec.train.template
-    merged = spec.eval.merge and adapted.mergeable
+    # A bf16 base would round a small merged update away (and unmerge could not restore it).
+    fp32_base = all(p.dtype == torch.float32 for p in adapted.model.parameters())
+    merged = spec.eval.merge and adapted.mergeable and fp32_base
     if merged:
         adapted.merge()
     tokenizer.padding_side = "left"

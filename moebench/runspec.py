@@ -16,6 +16,7 @@ from moebench.config import build, config_hash, to_dict
 from moebench.errors import ConfigError, did_you_mean
 from moebench.evaluate import EvalConfig
 from moebench.method import get_method
+from moebench.models import check_model_name
 from moebench.suites import get_suite
 from moebench.train import TrainConfig
 
@@ -71,10 +72,13 @@ def resolve(
         )
     top: dict[str, Any] = {"method": "lora", "model": "smollm2-135m", "suite": "mini", "seed": 42}
     top.update({k: base[k] for k in TOP_LEVEL if k in base})
-    sections: dict[str, dict[str, Any]] = {s: dict(base.get(s) or {}) for s in SECTIONS}
     for s in SECTIONS:
-        if not isinstance(base.get(s, {}), dict):
-            raise ConfigError(f"Config section '{s}' must be a table/object of key = value.")
+        if not isinstance(base.get(s) or {}, dict):
+            raise ConfigError(
+                f"Config section '{s}' must be a table/object of key = value, "
+                f"not {type(base[s]).__name__}."
+            )
+    sections: dict[str, dict[str, Any]] = {s: dict(base.get(s) or {}) for s in SECTIONS}
 
     # Top-level choices first: which method's fields exist depends on them.
     pending = list(sets or [])
@@ -90,6 +94,7 @@ def resolve(
     except (TypeError, ValueError):
         raise ConfigError(f"seed={top['seed']!r} is not an integer.") from None
 
+    check_model_name(str(top["model"]))
     method = get_method(str(top["method"]))
     suite = get_suite(str(top["suite"]))
     classes = {"method_config": method.config_cls, "train": TrainConfig, "eval": EvalConfig}
@@ -101,8 +106,13 @@ def resolve(
     for s in SECTIONS:
         layered[s].update(sections[s])
 
+    problems = []
     for key, value in pending:
-        section, name = _locate_key(key, classes, method.name)
+        try:
+            section, name = _locate_key(key, classes, method.name)
+        except ConfigError as e:
+            problems.append(str(e).rstrip("."))
+            continue
         layered[section][name] = value
     for key in ("max_steps",):
         if options and options.get(key) is not None:
@@ -111,7 +121,6 @@ def resolve(
         if options and options.get(key) is not None:
             layered["eval"][key] = options[key]
 
-    problems = []
     built: dict[str, Any] = {}
     for s, cls in classes.items():
         try:

@@ -26,6 +26,7 @@ from moebench.data import IGNORE_INDEX, Example, collate, epoch_batches
 from moebench.errors import TrainingDiverged
 from moebench.inject import Adapted
 from moebench.method import Phase
+from moebench.prompts import TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: float = doc("passes over the training mixture (seed paper: 4)", 4.0)
-    max_steps: int | None = doc("stop after this many optimizer steps (None: epochs decide)", None)
+    max_steps: int | None = doc(
+        "train exactly this many optimizer steps (None: epochs decide)", None
+    )
     lr: float = doc("peak learning rate (seed paper, LoRA and LoRAMoE: 3e-4)", 3e-4)
     weight_decay: float = doc(
         "AdamW decoupled weight decay, on trainable matrices only (HF Trainer default: 0)", 0.0
@@ -81,6 +84,8 @@ class TrainConfig:
             problems.append(f"checkpoint_every={self.checkpoint_every} must be >= 1 or None")
         if self.keep_checkpoints < 1:
             problems.append(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        if self.template not in TEMPLATES:
+            problems.append(f"template='{self.template}' is not one of {', '.join(TEMPLATES)}")
         check(problems, "train")
 
     @property
@@ -114,6 +119,7 @@ class TrainHooks:
 @dataclass(frozen=True)
 class TrainResult:
     steps: int
+    steps_run: int  # optimizer steps taken by this call (0 when resuming a finished training)
     tokens: int
     seconds: float  # wall time of this process's share of training
     tokens_per_s: float
@@ -126,7 +132,9 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
 
@@ -134,8 +142,8 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 def plan_steps(num_micro_batches: int, cfg: TrainConfig) -> tuple[int, int]:
     """(steps per epoch, total optimizer steps)."""
     per_epoch = math.ceil(num_micro_batches / cfg.accumulation)
-    total = math.ceil(cfg.epochs * per_epoch)
-    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+    # As in HF: max_steps, when given, decides the length and may run past `epochs`.
+    return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
 
 
 def phase_at(phases: Sequence[Phase], step: int, total: int) -> tuple[int, int, int]:
@@ -228,6 +236,8 @@ def train(
     n_micro = len(epoch_batches(lengths, micro, seed, 0))
     per_epoch, total = plan_steps(n_micro, cfg)
     phases = adapted.method.phases(adapted.config)
+    if abs(sum(p.fraction for p in phases) - 1.0) > 1e-6:
+        raise ValueError(f"{adapted.method.name}: phase fractions must sum to 1, got {phases}")
     optimizer = build_optimizer(adapted, cfg)
 
     state = TrainState(step=0, epoch=0, batch_in_epoch=0, tokens_seen=0)
@@ -298,8 +308,15 @@ def train(
                 f"{mb}-{mb + len(group_ids) - 1}, rows {rows[:16]}); lower lr or check the data."
             )
         trainable = [p for _, p in adapted.adapter_parameters() if p.requires_grad]
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        # With an infinite bound the call only measures: a finite loss can still have inf/nan
+        # gradients (bf16 overflow in backward), and that update must never be applied.
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+        if not math.isfinite(float(norm)):
+            raise TrainingDiverged(
+                f"Gradient norm became non-finite ({float(norm)}) at step {step + 1} (epoch "
+                f"{epoch}, micro-batches {mb}-{mb + len(group_ids) - 1}); lower lr or check "
+                "the data."
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -330,8 +347,12 @@ def train(
             )
             hooks.on_checkpoint(step, path)
     elapsed = time.perf_counter() - t0
+    # Evaluation batches differ in shape: no layer may read the last training batch's mask.
+    adapted.context.attention_mask = adapted.context.task_labels = None
     model.eval()
-    return TrainResult(step, tokens, elapsed, (tokens - tokens_at_t0) / max(elapsed, 1e-9))
+    return TrainResult(
+        step, step - state.step, tokens, elapsed, (tokens - tokens_at_t0) / max(elapsed, 1e-9)
+    )
 
 
 def _order(

@@ -241,3 +241,10 @@ def test_a_third_party_method_registers_through_the_entry_point(tmp_path: Path) 
     r = moebench("run", "--method", "qv-lora", *TINY, "--db", db, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert store.list_runs(store.open_store(db))[0]["method"] == "qv-lora"
+
+
+def test_resume_refuses_flags_it_would_ignore(tmp_path: Path) -> None:
+    r = moebench("run", "--resume", "1", "--max-steps", "9", cwd=tmp_path)
+    _one_clean_error(
+        r, "--resume continues run 1 under its stored config", "--max-steps", "--rerun"
+    )

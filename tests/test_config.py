@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moebench.config import load_file
-from moebench.errors import ConfigError, NotFoundError
+from moebench.errors import ConfigError, MoebenchError
 from moebench.runspec import resolve
 
 
@@ -83,9 +83,32 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"sets": [("eval.mode", "vibes")]}, "expected one of: generate, loglik"),
         ({"base": {"trian": {}}}, "Did you mean 'train'?"),
         ({"sets": [("foo.bar", "1")]}, "Unknown config section 'foo'"),
+        ({"base": {"train": [1, 2]}}, "Config section 'train' must be a table"),
+        ({"sets": [("eval.template", "alpacca")]}, "template='alpacca' is not one of alpaca"),
+        ({"sets": [("epochs", "inf")]}, "is not a finite number"),
+        ({"sets": [("target_modules", "q_proj,")]}, "has an empty item"),
+        ({"sets": [("rnak", "1"), ("lrr", "2")]}, "'rnak'"),
+        ({"options": {"model": "gpt-nothing"}}, "Unknown model 'gpt-nothing'"),
     ],
 )
 def test_bad_keys_and_values_name_what_is_accepted(kw, needle) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises((ConfigError, NotFoundError)) as e:
+    with pytest.raises(MoebenchError) as e:
         resolve(**kw)
     assert needle.lower() in str(e.value).lower()
+
+
+def test_all_unknown_keys_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as e:
+        resolve(sets=[("rnak", "1"), ("lrr", "2")])
+    assert "'rnak'" in str(e.value) and "'lrr'" in str(e.value)
+
+
+def test_a_misspelt_target_module_is_named() -> None:
+    from moebench.inject import inject
+    from moebench.method import get_method
+    from moebench.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    cfg = get_method("lora").config_cls(target_modules=("q_proj", "v_prj"))
+    with pytest.raises(ConfigError, match=r"v_prj matched no module .* v_proj"):
+        inject(model, get_method("lora"), cfg)

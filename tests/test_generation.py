@@ -42,6 +42,7 @@ def test_beam_search_runs_batched_and_matches_single() -> None:
         for p in PROMPTS[:3]
     ]
     assert batched == single
+    assert any(batched)
 
 
 def test_stop_strings_end_and_are_cut() -> None:

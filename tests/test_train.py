@@ -112,10 +112,16 @@ def test_lr_warms_up_then_decays_linearly_to_zero() -> None:
 
 
 def _train(
-    tmp: Path, steps: int, *, resume: Path | None = None, hooks: TrainHooks | None = None, **cfg
+    tmp: Path,
+    steps: int,
+    *,
+    resume: Path | None = None,
+    hooks: TrainHooks | None = None,
+    init_seed: int = 7,
+    **cfg,
 ):  # type: ignore[no-untyped-def]
     model, tok = load_model("tiny-llama")
-    torch.manual_seed(7)
+    torch.manual_seed(init_seed)
     adapted = inject(model, get_method("lora"), get_method("lora").config_cls(rank=4, dropout=0.1))
     exs = _examples(tok, _rows(40))
     opts = {
@@ -149,8 +155,16 @@ def test_interrupted_and_resumed_run_ends_bitwise_equal(tmp_path: Path) -> None:
         _train(tmp_path / "b", 8, hooks=TrainHooks(on_step=stop_at_5))
     last = sorted((tmp_path / "b").glob("step-*"))[-1]
     assert last.name == "step-0000003"  # steps 4-5 are lost and redone, as after a real crash
-    resumed, result = _train(tmp_path / "b", 8, resume=last)
-    assert result.steps == 8
+    # A different init seed: only the checkpoint can make the result match.
+    steps: list[int] = []
+    resumed, result = _train(
+        tmp_path / "b",
+        8,
+        resume=last,
+        init_seed=99,
+        hooks=TrainHooks(on_step=lambda s: steps.append(s.step)),
+    )
+    assert steps == [4, 5, 6, 7, 8] and result.steps == 8 and result.steps_run == 5
     a, b = full.adapter_state_dict(), resumed.adapter_state_dict()
     assert a.keys() == b.keys()
     for k in a:
@@ -175,4 +189,35 @@ def test_only_trainable_params_get_weight_decay(tmp_path: Path) -> None:
     opt = build_optimizer(adapted, dataclasses.replace(TrainConfig(), weight_decay=0.1))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for _, p in adapted.adapter_parameters()}
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert decayed == in_opt  # LoRA's A and B are matrices: all decay
     assert all(not p.requires_grad for n, p in model.named_parameters() if id(p) not in in_opt)
+
+
+def test_accumulated_micro_batches_give_the_same_update_as_one_big_batch(tmp_path: Path) -> None:
+    results = []
+    for micro in (2, 8):
+        model, tok = load_model("tiny-llama")
+        torch.manual_seed(3)
+        adapted = inject(model, get_method("lora"), get_method("lora").config_cls(dropout=0.0))
+        tc = TrainConfig(
+            max_steps=2,
+            batch_size=8,
+            micro_batch_size=micro,
+            warmup_steps=0,
+            checkpoint_every=None,
+            group_by_length=False,
+        )
+        train(adapted, _examples(tok, _rows(16)), tc, seed=3, checkpoint_root=tmp_path / str(micro))
+        results.append(adapted.adapter_state_dict())
+    for k in results[0]:
+        assert torch.allclose(results[0][k], results[1][k], atol=1e-6), k
+
+
+def test_max_steps_runs_past_the_configured_epochs() -> None:
+    from moebench.train import plan_steps
+
+    assert plan_steps(100, TrainConfig(epochs=1.0, batch_size=16, micro_batch_size=4)) == (25, 25)
+    assert plan_steps(
+        100, TrainConfig(epochs=1.0, max_steps=60, batch_size=16, micro_batch_size=4)
+    ) == (25, 60)
