@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,8 +27,9 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="List and inspect stored runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
-console = Console()
-err = Console(stderr=True)
+# A pipe or log file gets a wide console: names people copy (suites, protocols) must not be cut.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 DbOpt = Annotated[
     str | None,
@@ -131,6 +133,9 @@ def run(
     from moebench.runspec import resolve
 
     _setup_logging(verbose)
+    # A scheduler's kill (SIGTERM: preemption, timeout, docker stop) ends the run like Ctrl-C,
+    # so the store says "interrupted" with the last checkpoint instead of "running" forever.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     env = runner.RunEnv(db=db, data_dir=data_dir, output_dir=output_dir)
     with _progress() as progress:
         observer = ProgressObserver(progress)
@@ -175,7 +180,9 @@ def run(
                 )
                 spec = resolve(base=base, sets=parse_sets(set_ or []), options=options)
                 progress.console.print(
-                    f"[dim]config {spec.hash[:12]}: {json.dumps(spec.to_dict())}[/]"
+                    f"[dim]config {spec.hash[:12]}: {spec.method} on {spec.model}, suite "
+                    f"{spec.suite}, seed {spec.seed} (all settings: moebench runs show ID "
+                    "--config)[/]"
                 )
                 run_id = runner.execute(spec, env, observer)
         except KeyboardInterrupt:
@@ -186,6 +193,10 @@ def run(
             )
             raise typer.Exit(130) from None
     _print_metrics(db, run_id)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _stored_config(db: str | None, run_id: int) -> dict[str, Any]:
@@ -257,7 +268,11 @@ def methods() -> None:
 
     for name, m in METHODS:
         _fields_table(f"{name}: {m.help}", m.config_cls)
-    _fields_table("train.* (the loop; --set train.KEY=VALUE)", TrainConfig)
+    _fields_table(
+        "train.* (the loop; --set train.KEY=VALUE; a suite may set its own defaults, "
+        "see `moebench tasks`)",
+        TrainConfig,
+    )
     _fields_table("eval.* (scoring; --set eval.KEY=VALUE)", EvalConfig)
 
 
@@ -299,11 +314,18 @@ def tasks() -> None:
         table.add_row(name, t.family, t.folder, str(t.max_new_tokens), t.scoring_rule)
     console.print(table)
     suites = Table(title="suites")
-    for col in ("suite", "version", "train", "eval sets", "about"):
+    for col in ("suite", "version", "train", "eval sets", "defaults it sets", "about"):
         suites.add_column(col)
     for s in SUITES.values():
+        defaults = [f"train.{k}={v}" for k, v in s.train_defaults.items()]
+        defaults += [f"eval.{k}={v}" for k, v in s.eval_defaults.items()]
         suites.add_row(
-            s.name, s.version, ", ".join(f.path for f in s.train), ", ".join(s.eval_tasks), s.help
+            s.name,
+            s.version,
+            ", ".join(f.path for f in s.train),
+            ", ".join(s.eval_tasks),
+            ", ".join(defaults),
+            s.help,
         )
     console.print(suites)
 
@@ -367,9 +389,16 @@ def runs_show(
         )
         return
     for key, value in row.items():
-        if key != "config":
-            console.print(f"[bold]{key}[/]: {value}")
-    console.print_json(json.dumps(row["config"]))
+        if key == "config":
+            continue
+        if isinstance(value, float):
+            value = f"{value:,.2f}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, int) and key.endswith(("params", "bytes")):
+            value = f"{value:,}"
+        console.print(f"[bold]{key}[/]: {escape(str(value))}")
+    console.print("[dim]settings: moebench runs show ID --config[/]")
     _print_metrics(db, run_id)
 
 

@@ -282,7 +282,15 @@ def execute(
         db.set_status(store, run_id, "done")
         return run_id
     except KeyboardInterrupt:
-        _mark(store, run_id, logs, "interrupted", "interrupted by the user", earlier_wall, started)
+        _mark(
+            store,
+            run_id,
+            logs,
+            "interrupted",
+            "interrupted (Ctrl-C or SIGTERM)",
+            earlier_wall,
+            started,
+        )
         raise
     except MoebenchError as e:
         _mark(store, run_id, logs, "failed", str(e), earlier_wall, started)

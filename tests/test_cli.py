@@ -248,3 +248,43 @@ def test_resume_refuses_flags_it_would_ignore(tmp_path: Path) -> None:
     _one_clean_error(
         r, "--resume continues run 1 under its stored config", "--max-steps", "--rerun"
     )
+
+
+def test_sigterm_marks_the_run_interrupted_too(tmp_path: Path) -> None:
+    db_file = tmp_path / "t.db"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moebench",
+            "run",
+            "--model",
+            "tiny-llama",
+            "--max-steps",
+            "5000",
+            "--set",
+            "train.checkpoint_every=2",
+            "--set",
+            "train.batch_size=4",
+            "--db",
+            f"sqlite:///{db_file}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline, step = time.time() + 120, 0
+    while time.time() < deadline and step < 2:
+        time.sleep(0.3)
+        if db_file.exists():
+            with sqlite3.connect(db_file) as c:
+                try:
+                    step = c.execute("select coalesce(max(last_step), 0) from runs").fetchone()[0]
+                except sqlite3.OperationalError:
+                    step = 0
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    (run,) = store.list_runs(store.open_store(f"sqlite:///{db_file}"))
+    assert run["status"] == "interrupted" and "SIGTERM" in run["status_reason"]

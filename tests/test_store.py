@@ -210,7 +210,7 @@ def test_missing_run_is_not_found(store: Store) -> None:
     with pytest.raises(NotFoundError) as info:
         get_run(store, 7)
     assert str(info.value) == (
-        f"No run with id 7 in {store.display_url}; `moebench runs` lists them."
+        f"No run with id 7 in {store.display_url}; `moebench runs list` lists them."
     )
     for call in (
         lambda: update_run(store, 7, seed=1),

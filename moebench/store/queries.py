@@ -151,7 +151,7 @@ def _normalize_rows(
 def _require_run(session: Session, store: Store, run_id: int) -> None:
     if session.execute(select(RUNS.c.id).where(RUNS.c.id == run_id)).first() is None:
         raise NotFoundError(
-            f"No run with id {run_id} in {store.display_url}; `moebench runs` lists them."
+            f"No run with id {run_id} in {store.display_url}; `moebench runs list` lists them."
         )
 
 
