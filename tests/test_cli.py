@@ -143,6 +143,20 @@ def test_malformed_data_file_fails_and_is_recorded_without_traceback(tmp_path: P
     _one_clean_error(r, "openbookqa/train.json", "row 1")
 
 
+def _wait_for_checkpoint(db_file: Path, step: int) -> None:
+    """Poll the store until the training process has recorded a checkpoint at `step` or later."""
+    deadline, seen = time.time() + 120, 0
+    while time.time() < deadline and seen < step:
+        time.sleep(0.3)
+        if db_file.exists():
+            with sqlite3.connect(db_file) as c:
+                try:
+                    seen = c.execute("select coalesce(max(last_step), 0) from runs").fetchone()[0]
+                except sqlite3.OperationalError:
+                    seen = 0
+    assert seen >= step, "training never reached a checkpoint"
+
+
 def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path) -> None:
     db_file = tmp_path / "i.db"
     db = f"sqlite:///{db_file}"
@@ -168,17 +182,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 120
-    step = 0
-    while time.time() < deadline and step < 4:
-        time.sleep(0.3)
-        if db_file.exists():
-            with sqlite3.connect(db_file) as c:
-                try:
-                    step = c.execute("select coalesce(max(last_step), 0) from runs").fetchone()[0]
-                except sqlite3.OperationalError:
-                    step = 0
-    assert step >= 4, "training never reached a checkpoint"
+    _wait_for_checkpoint(db_file, 4)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -274,15 +278,7 @@ def test_sigterm_marks_the_run_interrupted_too(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline, step = time.time() + 120, 0
-    while time.time() < deadline and step < 2:
-        time.sleep(0.3)
-        if db_file.exists():
-            with sqlite3.connect(db_file) as c:
-                try:
-                    step = c.execute("select coalesce(max(last_step), 0) from runs").fetchone()[0]
-                except sqlite3.OperationalError:
-                    step = 0
+    _wait_for_checkpoint(db_file, 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
