@@ -61,7 +61,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from moebench.components import ALL_LINEARS
-from moebench.data import IGNORE_INDEX, Example, epoch_batches, load_training_rows, tokenize_row
+from moebench.data import IGNORE_INDEX, Example, load_training_rows, step_batches, tokenize_row
 from moebench.inject import inject
 from moebench.method import get_method
 from moebench.models import load_model
@@ -117,24 +117,17 @@ def moebench_step_sizes(
 ) -> list[tuple[int, int]]:
     """(non-padding tokens, positions incl. padding) of each step, replaying moebench's order.
 
-    `train` builds its order with `epoch_batches` (group_by_length=True, the default) and takes
-    `accumulation` micro-batches per step, rolling into the next epoch when one runs out. Replayed
-    here rather than patched into the loop, so the timed code is untouched; the non-padding count
-    from the same replay is checked against the loop's own count.
+    `train` takes its steps from `step_batches` (group_by_length=True, the default); the same
+    generator is replayed here rather than patched into the loop, so the timed code is untouched.
+    The non-padding count from the replay is checked against the loop's own count.
     """
     lengths = [len(e.input_ids) for e in examples]
-    acc = BATCH // MICRO
+    plans = step_batches(lengths, MICRO, BATCH // MICRO, seed)
     out: list[tuple[int, int]] = []
-    epoch, mb = 0, 0
-    order = epoch_batches(lengths, MICRO, seed, epoch)
-    for _ in range(steps):
-        if mb >= len(order):
-            epoch, mb = epoch + 1, 0
-            order = epoch_batches(lengths, MICRO, seed, epoch)
-        group = order[mb : mb + acc]
+    for _, plan in zip(range(steps), plans, strict=False):
+        group = plan.micro_batches
         real = sum(lengths[i] for ids in group for i in ids)
         out.append((real, sum(len(ids) * max(lengths[i] for i in ids) for ids in group)))
-        mb += len(group)
     return out
 
 

@@ -9,7 +9,7 @@ the order is a pure function of (seed, epoch), which is what makes a resumed run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +75,14 @@ def tokenize_row(
 
 
 def epoch_batches(
-    lengths: Sequence[int], micro_batch_size: int, seed: int, epoch: int, window: int = 64
+    lengths: Sequence[int],
+    micro_batch_size: int,
+    seed: int,
+    epoch: int,
+    grouped: bool = True,
+    window: int = 64,
 ) -> list[list[int]]:
-    """Micro-batches of example indices for one epoch, grouped by length.
+    """Micro-batches of example indices for one epoch, grouped by length unless `grouped=False`.
 
     Shuffle (seeded by seed and epoch), cut into windows of `window` micro-batches, sort each
     window by length so a batch holds similar lengths, then shuffle the batch order so long and
@@ -85,6 +90,8 @@ def epoch_batches(
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
+    if not grouped:
+        return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     span = micro_batch_size * window
     batches: list[list[int]] = []
     for start in range(0, len(order), span):
@@ -92,6 +99,43 @@ def epoch_batches(
         batches += [chunk[j : j + micro_batch_size] for j in range(0, len(chunk), micro_batch_size)]
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """The micro-batches of one optimizer step and where the data stands after it."""
+
+    epoch: int
+    first: int  # index of the step's first micro-batch within its epoch
+    micro_batches: list[list[int]]
+    next_position: tuple[int, int]  # (epoch, micro-batch index) of the following step
+
+
+def step_batches(
+    lengths: Sequence[int],
+    micro_batch_size: int,
+    accumulation: int,
+    seed: int,
+    grouped: bool = True,
+    position: tuple[int, int] = (0, 0),
+) -> Iterator[StepBatches]:
+    """Endless per-step groups of micro-batches from `position` on, rolling into new epochs.
+
+    A step takes up to `accumulation` micro-batches and never spans two epochs. Because the order
+    is a pure function of (seed, epoch), a checkpoint needs only `next_position` to continue.
+    """
+    epoch, first = position
+    order = epoch_batches(lengths, micro_batch_size, seed, epoch, grouped)
+    while True:
+        if first >= len(order):
+            epoch, first = epoch + 1, 0
+            order = epoch_batches(lengths, micro_batch_size, seed, epoch, grouped)
+        group = order[first : first + accumulation]
+        after = first + len(group)
+        yield StepBatches(
+            epoch, first, group, (epoch + 1, 0) if after >= len(order) else (epoch, after)
+        )
+        first = after
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ def generate(
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> list[str]:
     device = next(model.parameters()).device
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = tokenizer(list(prompts))["input_ids"]  # one batched call to the fast tokenizer
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
     for idx in _length_batches([len(e) for e in encoded], batch_size):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moebench.errors import ConfigError
-from moebench.method import AdapterLayer, BatchContext, Method, ModelShapes
+from moebench.method import AdapterLayer, BatchContext, Method
 
 
 @dataclass
@@ -124,9 +124,3 @@ def inject(model: nn.Module, method: Method, config: Any) -> Adapted:
         for p in layer.base.parameters():
             p.requires_grad_(False)
     return Adapted(model=model, method=method, config=config, layers=layers, context=context)
-
-
-def closed_form_trainable(adapted: Adapted, model_config: Any) -> int:
-    return adapted.method.trainable_parameters(
-        adapted.config, ModelShapes.from_config(model_config)
-    )

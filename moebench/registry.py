@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+import types
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
@@ -79,7 +80,7 @@ class Registry(Generic[T]):
             except Exception:  # a broken plugin must not hide the working ones
                 log.exception("could not load %s plugin '%s' from %s", self.kind, ep.name, ep.value)
                 continue
-            if ep.name not in self._items and not isinstance(obj, type(importlib)):
+            if ep.name not in self._items and not isinstance(obj, types.ModuleType):
                 self.add(ep.name, obj)
 
     def get(self, name: str) -> T:

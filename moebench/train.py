@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from moebench.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from moebench.config import check, doc
-from moebench.data import IGNORE_INDEX, Example, collate, epoch_batches
+from moebench.data import IGNORE_INDEX, Example, StepBatches, collate, step_batches
 from moebench.errors import TrainingDiverged
 from moebench.inject import Adapted
 from moebench.method import Phase
@@ -181,9 +181,14 @@ def build_optimizer(adapted: Adapted, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
-def _set_phase_trainable(adapted: Adapted, phase: Phase) -> None:
+def _set_phase_trainable(adapted: Adapted, phase: Phase) -> list[torch.nn.Parameter]:
+    """Switch gradients on for the phase's trainable set; return it (what gets clipped)."""
+    trainable = []
     for name, p in adapted.adapter_parameters():
         p.requires_grad_(phase.trainable is None or phase.trainable(name))
+        if p.requires_grad:
+            trainable.append(p)
+    return trainable
 
 
 def token_loss_sum(adapted: Adapted, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -232,8 +237,7 @@ def train(
     model.train()
 
     lengths = [len(e.input_ids) for e in examples]
-    micro = cfg.micro_batch_size
-    n_micro = len(epoch_batches(lengths, micro, seed, 0))
+    n_micro = math.ceil(len(examples) / cfg.micro_batch_size)
     per_epoch, total = plan_steps(n_micro, cfg)
     phases = adapted.method.phases(adapted.config)
     if abs(sum(p.fraction for p in phases) - 1.0) > 1e-6:
@@ -259,19 +263,24 @@ def train(
         amp,
     )
 
-    step, epoch, mb, tokens = state.step, state.epoch, state.batch_in_epoch, state.tokens_seen
-    current_phase = -1
+    step, tokens = state.step, state.tokens_seen
+    plans = step_batches(
+        lengths,
+        cfg.micro_batch_size,
+        cfg.accumulation,
+        seed,
+        cfg.group_by_length,
+        (state.epoch, state.batch_in_epoch),
+    )
+    current_phase, trainable = -1, []
     t0, tokens_at_t0 = time.perf_counter(), tokens
-    order = _order(lengths, micro, seed, epoch, cfg.group_by_length)
     while step < total:
-        if mb >= len(order):
-            epoch, mb = epoch + 1, 0
-            order = _order(lengths, micro, seed, epoch, cfg.group_by_length)
+        plan = next(plans)
         p_idx, p_start, p_len = phase_at(phases, step, total)
         phase = phases[p_idx]
         if p_idx != current_phase:
             current_phase = p_idx
-            _set_phase_trainable(adapted, phase)
+            trainable = _set_phase_trainable(adapted, phase)
             hooks.on_phase(phase, step)
         lr = lr_at(cfg, phase.lr or cfg.lr, step - p_start, p_len)
         for group in optimizer.param_groups:
@@ -279,8 +288,9 @@ def train(
 
         # One optimizer step: accumulate over up to `accumulation` micro-batches, normalising by
         # the counted tokens of the whole step so micro-batch sizes do not reweight tokens.
-        group_ids = order[mb : mb + cfg.accumulation]
-        batches = [collate([examples[i] for i in ids], _pad_id(adapted)) for ids in group_ids]
+        batches = [
+            collate([examples[i] for i in ids], _pad_id(adapted)) for ids in plan.micro_batches
+        ]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         ce_total = torch.zeros((), device=device)
         aux_total: dict[str, torch.Tensor] = {}
@@ -302,31 +312,22 @@ def train(
         ce = float(ce_total) / max(n_tokens, 1)
         aux_values = {k: float(v) for k, v in aux_total.items()}
         if not all(math.isfinite(v) for v in [ce, *aux_values.values()]):
-            rows = [i for ids in group_ids for i in ids]
-            raise TrainingDiverged(
-                f"Loss became non-finite ({ce}) at step {step + 1} (epoch {epoch}, micro-batches "
-                f"{mb}-{mb + len(group_ids) - 1}, rows {rows[:16]}); lower lr or check the data."
-            )
-        trainable = [p for _, p in adapted.adapter_parameters() if p.requires_grad]
+            raise _diverged("Loss", ce, step + 1, plan)
         # With an infinite bound the call only measures: a finite loss can still have inf/nan
         # gradients (bf16 overflow in backward), and that update must never be applied.
-        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-        if not math.isfinite(float(norm)):
-            raise TrainingDiverged(
-                f"Gradient norm became non-finite ({float(norm)}) at step {step + 1} (epoch "
-                f"{epoch}, micro-batches {mb}-{mb + len(group_ids) - 1}); lower lr or check "
-                "the data."
-            )
+        norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf))
+        if not math.isfinite(norm):
+            raise _diverged("Gradient norm", norm, step + 1, plan)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        step, mb = step + 1, mb + len(group_ids)
+        step += 1
         elapsed = time.perf_counter() - t0
         hooks.on_step(
             StepLog(
                 step=step,
                 total_steps=total,
-                epoch=epoch,
+                epoch=plan.epoch,
                 phase=phase.name,
                 loss=ce,
                 aux=aux_values,
@@ -337,10 +338,9 @@ def train(
             )
         )
         if step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            position = (epoch + 1, 0) if mb >= len(order) else (epoch, mb)
             path = save_checkpoint(
                 checkpoint_root,
-                TrainState(step, position[0], position[1], tokens),
+                TrainState(step, *plan.next_position, tokens),
                 adapted.adapter_state_dict(),
                 optimizer,
                 cfg.keep_checkpoints,
@@ -355,14 +355,13 @@ def train(
     )
 
 
-def _order(
-    lengths: Sequence[int], micro: int, seed: int, epoch: int, grouped: bool
-) -> list[list[int]]:
-    if grouped:
-        return epoch_batches(lengths, micro, seed, epoch)
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    return [order[i : i + micro] for i in range(0, len(order), micro)]
+def _diverged(what: str, value: float, step: int, plan: StepBatches) -> TrainingDiverged:
+    rows = [i for ids in plan.micro_batches for i in ids]
+    last = plan.first + len(plan.micro_batches) - 1
+    return TrainingDiverged(
+        f"{what} became non-finite ({value}) at step {step} (epoch {plan.epoch}, micro-batches "
+        f"{plan.first}-{last}, rows {rows[:16]}); lower lr or check the data."
+    )
 
 
 def _pad_id(adapted: Adapted) -> int:

@@ -221,3 +221,23 @@ def test_max_steps_runs_past_the_configured_epochs() -> None:
     assert plan_steps(
         100, TrainConfig(epochs=1.0, max_steps=60, batch_size=16, micro_batch_size=4)
     ) == (25, 60)
+
+
+def test_step_batches_resume_from_any_position_and_roll_into_new_epochs() -> None:
+    from moebench.data import step_batches
+
+    lengths = [((i * 13) % 29) + 3 for i in range(22)]  # 6 micro-batches of 4: 2 full steps
+    stream = list(zip(range(9), step_batches(lengths, 4, 4, seed=5), strict=False))
+    plans = [p for _, p in stream]
+    assert [p.epoch for p in plans[:4]] == [0, 0, 1, 1]
+    assert [len(p.micro_batches) for p in plans[:2]] == [4, 2]  # a step never spans epochs
+    assert sorted(i for p in plans[:2] for ids in p.micro_batches for i in ids) == list(range(22))
+    for k in range(1, 8):
+        resumed = step_batches(lengths, 4, 4, seed=5, position=plans[k - 1].next_position)
+        assert next(resumed) == plans[k]
+    ungrouped = list(
+        zip(range(2), step_batches(lengths, 4, 4, seed=5, grouped=False), strict=False)
+    )
+    assert sorted(i for _, p in ungrouped for ids in p.micro_batches for i in ids) == list(
+        range(22)
+    )
