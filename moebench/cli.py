@@ -126,6 +126,13 @@ def run(
     rerun: Annotated[
         int | None, typer.Option(help="Start a new run with stored run ID's exact config.")
     ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Re-size the method to a parameter budget: lora:r=16, 0.5% or 2.3M "
+            "(`moebench budget` shows the solutions)."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
 ) -> None:
     """Train a method on a suite and score it; `moebench run` alone runs the embedded default."""
@@ -153,6 +160,7 @@ def run(
                     ("--set", set_),
                     ("--rerun", rerun),
                     ("--output-dir", output_dir),
+                    ("--budget", budget),
                 ]
                 if v
             ]
@@ -179,12 +187,25 @@ def run(
                     limit=limit,
                 )
                 spec = resolve(base=base, sets=parse_sets(set_ or []), options=options)
+                record = None
+                if budget is not None:
+                    from moebench.budget import apply
+
+                    spec, record = apply(spec, budget)
+                    achieved = record["achieved_params"]
+                    progress.console.print(
+                        f"[dim]budget {budget}: {record['target_params']:,} parameters -> "
+                        f"{spec.method} "
+                        + ", ".join(f"{k}={v}" for k, v in record["knobs"].items())
+                        + (f" ({achieved:,}, {record['relative_error']:+.1%})" if achieved else "")
+                        + "[/]"
+                    )
                 progress.console.print(
                     f"[dim]config {spec.hash[:12]}: {spec.method} on {spec.model}, suite "
                     f"{spec.suite}, seed {spec.seed} (all settings: moebench runs show ID "
                     "--config)[/]"
                 )
-                run_id = runner.execute(spec, env, observer)
+                run_id = runner.execute(spec, env, observer, budget=record)
         except KeyboardInterrupt:
             progress.stop()
             err.print(
@@ -285,6 +306,59 @@ def _fields_table(title: str, cls: type) -> None:
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
         table.add_row(f.name, str(default), field_help(cls, f.name))
+    console.print(table)
+
+
+@app.command()
+def budget(
+    model: Annotated[str, typer.Option(help="Alias, hub id or local folder.")] = "smollm2-135m",
+    target: Annotated[
+        str | None,
+        typer.Option(help="A method config whose trainable parameters to match, e.g. lora:r=16."),
+    ] = None,
+    params: Annotated[
+        str | None,
+        typer.Option(help="A share of the base model (0.5%) or a count (2.3M) instead."),
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="Allowed relative miss.")] = 0.05,
+) -> None:
+    """For every method, the config whose trainable parameters land within tolerance of a target."""
+    from moebench.budget import model_shapes, parse_target, solve_all
+
+    if (target is None) == (params is None):
+        raise ConfigError("Give exactly one of --target (e.g. lora:r=16) or --params (e.g. 0.5%).")
+    if not 0 < tolerance < 1:
+        raise ConfigError(f"--tolerance {tolerance} must be in (0, 1), e.g. 0.05.")
+    shapes, total = model_shapes(model)
+    goal = parse_target(target or params or "", shapes, total)
+    table = Table(
+        title=f"budget {goal.text} on {model}: {goal.params:,} trainable parameters "
+        f"({100 * goal.params / total:.3f}% of {total:,}), tolerance {tolerance:.0%}",
+        title_justify="left",
+    )
+    for col in ("method", "config", "trainable", "vs target", "% of base", "active/token", "fits"):
+        table.add_column(col)
+    for s in solve_all(shapes, goal.params, tolerance):
+        if s.achieved is None:
+            table.add_row(
+                s.method,
+                f"budget_params={goal.params}",
+                "set at run time",
+                "",
+                "",
+                "",
+                "by its allocation",
+            )
+            continue
+        table.add_row(
+            s.method,
+            ", ".join(f"{k}={v}" for k, v in s.knobs.items()) or "(default)",
+            f"{s.achieved:,}",
+            f"{s.error:+.1%}",
+            f"{100 * s.achieved / total:.3f}%",
+            f"{s.active:,}" if s.active is not None else "",
+            "yes" if s.within(tolerance) else "NO",
+        )
     console.print(table)
 
 

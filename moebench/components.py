@@ -7,6 +7,7 @@ Kept in one place so every method initialises and applies its factors identicall
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,3 +30,123 @@ def suffix(qualified_name: str) -> str:
 
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def init_router(num_out: int, d_in: int, how: str = "kaiming") -> nn.Parameter:
+    """A bias-free router weight [num_out, d_in]: kaiming-uniform (LoRAMoE), normal(0, 0.02)
+    (MixLoRA) or zeros (LoRACoE: uniform gates at the start)."""
+    w = torch.empty(num_out, d_in)
+    if how == "kaiming":
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    elif how == "normal":
+        nn.init.normal_(w, std=0.02)
+    elif how == "zeros":
+        nn.init.zeros_(w)
+    else:
+        raise ValueError(f"unknown router init '{how}'")
+    return nn.Parameter(w)
+
+
+def token_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The flat [tokens] bool mask of real tokens for activations `x` [batch, seq, d], or None
+    when there is no mask or it does not describe `x` (e.g. one cached decoding position)."""
+    if attention_mask is None or attention_mask.shape != x.shape[:-1]:
+        return None
+    return attention_mask.reshape(-1).to(torch.bool)
+
+
+class RouterStats:
+    """Running sums of one router's gates over the forwards the loop asks to record.
+
+    Kept as device tensors and turned into floats only in `summary`, so recording costs no
+    device synchronisation. `share.i` is expert i's mean gate mass over real tokens; under
+    top-k routing `load.i` is the fraction of routing slots that picked expert i; `entropy` is
+    the mean entropy (nats) of the gate distribution.
+    """
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._reset()
+
+    def _reset(self) -> None:
+        self.mass: torch.Tensor | None = None
+        self.load: torch.Tensor | None = None
+        self.entropy: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def record(
+        self,
+        probs: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        chosen: torch.Tensor | None = None,
+        entropy_of: torch.Tensor | None = None,
+    ) -> None:
+        """probs [tokens, n] gate weights; chosen [tokens, k] top-k indices; entropy_of
+        [tokens, ..., m] distributions whose entropy to log (default: probs)."""
+        probs = probs.detach().float().reshape(-1, self.num_experts)
+        dist = (probs if entropy_of is None else entropy_of.detach().float()).reshape(
+            probs.shape[0], -1, (probs if entropy_of is None else entropy_of).shape[-1]
+        )
+        if mask is not None:
+            probs, dist = probs[mask], dist[mask]
+            chosen = chosen[mask] if chosen is not None else None
+        ent = -(dist * dist.clamp_min(1e-20).log()).sum(-1).mean(-1).sum()
+        n = torch.tensor(float(probs.shape[0]), device=probs.device)
+        mass = probs.sum(0)
+        self.mass = mass if self.mass is None else self.mass + mass
+        self.entropy = ent if self.entropy is None else self.entropy + ent
+        self.tokens = n if self.tokens is None else self.tokens + n
+        if chosen is not None:
+            load = torch.bincount(chosen.reshape(-1), minlength=self.num_experts).float()
+            slots = torch.tensor(float(chosen.numel()), device=probs.device)
+            self.load = load if self.load is None else self.load + load
+            self.slots = slots if self.slots is None else self.slots + slots
+
+    def summary(self) -> dict[str, float]:
+        """Means since the last summary (then reset); empty when nothing was recorded."""
+        if self.tokens is None or float(self.tokens) == 0:
+            self._reset()
+            return {}
+        tokens = float(self.tokens)
+        assert self.mass is not None and self.entropy is not None
+        out = {f"share.{i}": v / tokens for i, v in enumerate(self.mass.tolist())}
+        out["entropy"] = float(self.entropy) / tokens
+        if self.load is not None and self.slots is not None:
+            slots = float(self.slots)
+            out.update({f"load.{i}": v / slots for i, v in enumerate(self.load.tolist())})
+        self._reset()
+        return out
+
+
+class _Fp32Matmul(torch.autograd.Function):
+    """`x @ W.T` computed in fp32 whatever x's dtype or the autocast state.
+
+    Autograd on `x.float() @ W.T` would keep the fp32 copy of x for W's gradient (twice a bf16
+    activation's memory, per adapted linear); this keeps x as it came and re-casts in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() @ weight.float().t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.float()
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ weight.float()).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                flat_x = x.reshape(-1, x.shape[-1]).float()
+                grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ flat_x).to(weight.dtype)
+        return grad_x, grad_w
+
+
+def fp32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` in fp32 whatever x's dtype or the autocast state: router logits."""
+    return _Fp32Matmul.apply(x, weight)

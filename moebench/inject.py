@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moebench.errors import ConfigError
-from moebench.method import AdapterLayer, BatchContext, Method
+from moebench.method import AdapterLayer, BatchContext, Method, PrepareContext, Prepared
 
 
 @dataclass
@@ -50,12 +50,8 @@ class Adapted:
                 p.copy_(state[n])
 
     def collect_aux_losses(self) -> dict[str, torch.Tensor]:
-        """Sum each named auxiliary loss over all layers."""
-        total: dict[str, torch.Tensor] = {}
-        for layer in self.layers.values():
-            for k, v in layer.aux_losses().items():
-                total[k] = total[k] + v if k in total else v
-        return total
+        """The method's auxiliary losses for the last forward (by default summed over layers)."""
+        return self.method.aux_losses(self.config, self.layers)
 
     def collect_stats(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -124,3 +120,11 @@ def inject(model: nn.Module, method: Method, config: Any) -> Adapted:
         for p in layer.base.parameters():
             p.requires_grad_(False)
     return Adapted(model=model, method=method, config=config, layers=layers, context=context)
+
+
+def prepare_and_inject(
+    model: nn.Module, method: Method, config: Any, ctx: PrepareContext
+) -> tuple[Adapted, Prepared]:
+    """Run the method's preparation stage on the unadapted model, then inject its config."""
+    prepared = method.prepare(config, ctx)
+    return inject(model, method, prepared.config), prepared

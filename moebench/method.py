@@ -14,22 +14,63 @@ before each forward.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from moebench.registry import Registry
+from moebench.task import TASKS
 
 
 @dataclass
 class BatchContext:
-    """What layers may read about the current batch; the loop sets it before each forward."""
+    """What layers may read about the current forward; the loop sets it before each one.
+
+    One object is shared by all layers of a model, so the loop writes it once per micro-batch.
+    After training, `attention_mask` and `task_labels` are cleared (evaluation batches differ),
+    while `phase` keeps the last phase: a trained model evaluates in the form it ended in.
+    """
 
     attention_mask: torch.Tensor | None = None  # [batch, seq], 1 = real token
     task_labels: torch.Tensor | None = None  # [batch], per-sample task type (LoRAMoE's LBC)
+    phase: str | None = None  # name of the current Phase; None outside the loop (= final form)
+    record_stats: bool = False  # accumulate router statistics on this forward (logged steps)
+
+
+@dataclass
+class PrepareContext:
+    """What a method's preparation stage may use (LoRA-SMoE's sensitivity pass).
+
+    It runs after the base model loads and before `inject`, on the unadapted model.
+    """
+
+    model: nn.Module
+    examples: Sequence[Any]  # moebench.data.Example, tokenised training rows
+    tasks: Sequence[str | None]  # source task of each example (None: the mixture does not say)
+    model_name: str
+    seed: int
+    cache_dir: Path  # where expensive, reusable results (sensitivities) may be cached
+    device: torch.device
+    autocast: torch.dtype | None
+    pad_token_id: int = 0
+
+
+@dataclass
+class Prepared:
+    """The outcome of a preparation stage: the config to inject with, and what to record.
+
+    `config` may differ from the one given (e.g. with an allocation filled in); the runner stores
+    it, so a resumed run rebuilds the same modules without preparing again. `notes` are sentences
+    for the run's record; `artifacts` are JSON-able results stored with the run by name.
+    """
+
+    config: Any
+    notes: list[str] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,7 +141,12 @@ class AdapterLayer(nn.Module):
         return {}
 
     def stats(self) -> dict[str, float]:
-        """Router statistics of the last forward (expert shares, entropy), for the log."""
+        """Router statistics accumulated since the last call (then reset), for the log.
+
+        Layers accumulate only on forwards where `BatchContext.record_stats` is set, so steps
+        that are not logged pay nothing. Keys are short (`share.3`, `entropy`); the injector
+        prefixes the layer's qualified name.
+        """
         return {}
 
 
@@ -110,6 +156,11 @@ class Method:
     name: ClassVar[str]
     help: ClassVar[str]
     config_cls: ClassVar[type]
+    # Integer config fields the budget solver may vary to meet a parameter target, the first
+    # preferred (moebench.budget). A method whose size is decided in `prepare` (LoRA-SMoE) names
+    # instead the config field that takes the target parameter count.
+    budget_knobs: ClassVar[tuple[str, ...]] = ("rank",)
+    budget_target_field: ClassVar[str | None] = None
 
     def adapt_module(
         self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
@@ -125,12 +176,41 @@ class Method:
         """Module-name suffixes the config asks for; each must match a module or it is a typo."""
         return ()
 
+    def active_parameters(self, config: Any, shapes: ModelShapes) -> int:
+        """Trainable parameters one token passes through (less than all under top-k routing)."""
+        return self.trainable_parameters(config, shapes)
+
     def phases(self, config: Any) -> tuple[Phase, ...]:
         return (Phase("train", 1.0),)
 
     def no_weight_decay(self, config: Any, param_name: str) -> bool:
         """Parameters excluded from weight decay (routers, typically)."""
         return False
+
+    def aux_losses(self, config: Any, layers: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward, weighted, keyed by name; summed into the loss.
+
+        Default: each layer's own `aux_losses()`, summed per name. A method whose loss is not a
+        sum over layers (MixLoRA's balance loss over all layers' routing at once) overrides this.
+        """
+        total: dict[str, torch.Tensor] = {}
+        for layer in layers.values():
+            for k, v in layer.aux_losses().items():
+                total[k] = total[k] + v if k in total else v
+        return total
+
+    def prepare(self, config: Any, ctx: PrepareContext) -> Prepared:
+        """An optional stage before injection (default: nothing to do)."""
+        return Prepared(config)
+
+    def task_label(self, config: Any, task: str | None) -> int:
+        """Per-sample task type a method's layers read from `BatchContext.task_labels`.
+
+        Default: the task's declared knowledge flag (commonsense 1, math 0), -1 when unknown.
+        """
+        if task is None:
+            return -1
+        return TASKS.get(task).knowledge if task in TASKS else -1
 
     def config_fields(self) -> list[dataclasses.Field[Any]]:
         return [f for f in dataclasses.fields(self.config_cls) if f.init]

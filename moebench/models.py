@@ -16,13 +16,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -223,6 +226,112 @@ def _tiny(arch: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, tok
+
+
+# Shapes of the hub models, from each one's config.json on the hub, so parameter budgets can be
+# solved offline without downloading weights. Loading a cached or local config takes precedence.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2-0.5b": dict(
+        arch="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie=True,
+    ),
+    "qwen2-1.5b": dict(
+        arch="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie=True,
+    ),
+    "qwen2-7b": dict(
+        arch="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie=False,
+    ),
+    "llama2-7b": dict(
+        arch="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie=False,
+    ),
+    "llama2-13b": dict(
+        arch="llama",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        tie=False,
+    ),
+    "llama3-8b": dict(
+        arch="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie=False,
+    ),
+    "smollm2-135m": dict(
+        arch="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie=True,
+    ),
+}
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """A model's architecture config without its weights (for budgets and benchmarks)."""
+    check_model_name(name)
+    spec = ALIASES.get(name)
+    if spec is not None and spec.source == "tiny":
+        return tiny_config(spec.ref, vocab_size=len(_tiny_tokenizer()))
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return AutoConfig.from_pretrained(folder)
+    if name not in KNOWN_CONFIGS:
+        try:
+            return AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise ModelError(
+                f"Cannot read the config of model '{name}': the hub is unreachable and it is "
+                f"not cached; shapes known offline: {', '.join(KNOWN_CONFIGS)}."
+            ) from e
+    known = dict(KNOWN_CONFIGS[name])
+    arch, tie = known.pop("arch"), known.pop("tie")
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    return cls(tie_word_embeddings=tie, **known)
+
+
+def total_parameters(config: PretrainedConfig) -> int:
+    """Parameter count of a model built from `config`, without allocating its weights."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return count_parameters(model)[1]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

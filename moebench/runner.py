@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 
 from moebench import store as db
 from moebench.checkpoint import latest_checkpoint
-from moebench.data import load_training_rows, tokenize_row
+from moebench.config import build, to_dict
+from moebench.data import Example, load_training_rows, tokenize_row
 from moebench.errors import ConfigError, MoebenchError
 from moebench.evaluate import TaskResult, evaluate_task, group_average
 from moebench.inject import Adapted, inject
-from moebench.method import ModelShapes, get_method
-from moebench.models import count_parameters, describe, load_model
+from moebench.method import Method, ModelShapes, PrepareContext, get_method
+from moebench.models import cache_dir, count_parameters, describe, load_model
 from moebench.runspec import RunSpec, resolve
 from moebench.suites import get_suite
 from moebench.suites import resolve as resolve_suite
@@ -163,8 +164,12 @@ def execute(
     observer: Observer | None = None,
     *,
     resume_run: int | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> int:
-    """Run (or resume) one job and return its run id; the store records how it ended."""
+    """Run (or resume) one job and return its run id; the store records how it ended.
+
+    `budget` is the record of the parameter budget `spec` was solved for (moebench.budget).
+    """
     observer = observer or SilentObserver()
     started = time.perf_counter()
     # Everything that can be wrong with the inputs is checked before any weight loads.
@@ -179,6 +184,7 @@ def execute(
         config = {
             **spec.to_dict(),
             "_data": {"root": str(suite.data_root), "sha256": suite.fingerprint()},
+            **({"_budget": budget} if budget else {}),
         }
         run_id = db.create_run(
             store,
@@ -218,16 +224,8 @@ def execute(
         # Under bf16 autocast the frozen base is held in bf16 (half the memory, no per-forward
         # casts); adapters stay fp32 (train() sees to it).
         model, tokenizer = load_model(spec.model, dtype=amp or torch.float32)
-        torch.manual_seed(spec.seed)  # adapter init; data order has its own seeded generator
         method = get_method(spec.method)
-        adapted = inject(model, method, spec.method_config)
-        trainable, total = count_parameters(model)
-        closed = method.trainable_parameters(
-            spec.method_config, ModelShapes.from_config(model.config)
-        )
-        if closed != trainable:
-            log.warning("closed-form count %d differs from counted %d", closed, trainable)
-        db.update_run(store, run_id, trainable_params=trainable, total_params=total)
+        tasks = [r.task or task for r, task in train_rows]
         examples = [
             tokenize_row(
                 r,
@@ -235,10 +233,30 @@ def execute(
                 template=spec.train.template,
                 cutoff_len=spec.train.cutoff_len,
                 train_on_prompt=spec.train.train_on_prompt,
-                task_label=_task_label(r.task or task),
+                task_label=method.task_label(spec.method_config, t),
             )
-            for r, task in train_rows
+            for (r, _), t in zip(train_rows, tasks, strict=True)
         ]
+        method_config = _prepare(
+            method, spec, model, tokenizer, examples, tasks, device, amp, store, run_id
+        )
+        torch.manual_seed(spec.seed)  # adapter init; data order has its own seeded generator
+        adapted = inject(model, method, method_config)
+        trainable, total = count_parameters(model)
+        shapes = ModelShapes.from_config(model.config)
+        closed = method.trainable_parameters(method_config, shapes)
+        if closed != trainable:
+            log.warning("closed-form count %d differs from counted %d", closed, trainable)
+        db.update_run(store, run_id, trainable_params=trainable, total_params=total)
+        budget = db.get_run(store, run_id)["config"].get("_budget")
+        if budget is not None:
+            budget = {
+                **budget,
+                "achieved_params": trainable,
+                "active_params": method.active_parameters(method_config, shapes),
+                "relative_error": trainable / budget["target_params"] - 1.0,
+            }
+            db.put_artifact(store, run_id, "budget", budget)
         observer.started(
             run_id,
             {
@@ -251,10 +269,12 @@ def execute(
                 "resume_from": str(resume_from) if resume_from else None,
             },
         )
+        watch = _PhaseWatch()
         hooks = TrainHooks(
-            on_step=lambda s: (logs.add(s), observer.step(s)),
+            on_step=lambda s: (logs.add(s), watch.add(s), observer.step(s)),
             on_checkpoint=lambda step, path: (
                 logs.flush(),
+                watch.store(store, run_id),
                 db.add_checkpoint(store, run_id, step, str(path)),
             ),
         )
@@ -268,6 +288,8 @@ def execute(
             hooks=hooks,
         )
         logs.flush()
+        watch.store(store, run_id)
+        store_router_summary(store, run_id)
         save_adapter(adapted, spec, out_dir / "adapter")
         results = score_all(adapted, tokenizer, spec, evals, store, run_id, observer, amp)
         db.add_metrics(store, run_id, group_average(results, {k: v[0] for k, v in evals.items()}))
@@ -329,13 +351,111 @@ def _mark(
         log.exception("could not record the end of run %d", run_id)
 
 
-def _task_label(task: str | None) -> int:
-    if task is None:
-        return -1
-    try:
-        return get_task(task).knowledge
-    except MoebenchError:
-        return -1
+def _prepare(
+    method: Method,
+    spec: RunSpec,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    tasks: list[str | None],
+    device: torch.device,
+    amp: torch.dtype | None,
+    store: db.Store,
+    run_id: int,
+) -> Any:
+    """The method's preparation stage, once per run: a resumed run reuses the stored outcome,
+    so it rebuilds the same modules without measuring again."""
+    row = db.get_run(store, run_id)
+    stored = row["config"].get("_prepared")
+    if stored is not None:
+        return build(method.config_cls, stored["method_config"], section=method.name)
+    ctx = PrepareContext(
+        model=model.to(device),
+        examples=examples,
+        tasks=tasks,
+        model_name=spec.model,
+        seed=spec.seed,
+        cache_dir=cache_dir(),
+        device=device,
+        autocast=amp,
+        pad_token_id=int(tokenizer.pad_token_id or 0),
+    )
+    prepared = method.prepare(spec.method_config, ctx)
+    for note in prepared.notes:
+        log.warning("%s", note)
+    config = {
+        **row["config"],
+        "_prepared": {"method_config": to_dict(prepared.config), "notes": prepared.notes},
+    }
+    db.update_run(store, run_id, config=config)
+    for name, data in prepared.artifacts.items():
+        db.put_artifact(store, run_id, name, data)
+    if prepared.notes:
+        db.put_artifact(store, run_id, "notes", prepared.notes)
+    return prepared.config
+
+
+class _PhaseWatch:
+    """Notes the mean adapter-output norm on both sides of each phase switch (LoRACoE's
+    warm-up -> joint), which the loop records on the last and first step of every phase."""
+
+    def __init__(self) -> None:
+        self.prev: tuple[str, int, float | None] | None = None
+        self.switches: list[dict[str, Any]] = []
+
+    def add(self, s: StepLog) -> None:
+        if not s.stats:
+            return
+        norms = [v for k, v in s.stats.items() if k.endswith(".out_norm")]
+        norm = sum(norms) / len(norms) if norms else None
+        if self.prev is not None and self.prev[0] != s.phase:
+            before = self.prev[2]
+            ratio = norm / before if norm is not None and before else None
+            self.switches.append(
+                {
+                    "step": s.step,
+                    "from": self.prev[0],
+                    "to": s.phase,
+                    "from_step": self.prev[1],
+                    "adapter_out_norm_before": before,
+                    "adapter_out_norm_after": norm,
+                    "ratio": ratio,
+                }
+            )
+            if ratio is not None:
+                log.warning(
+                    "phase %s -> %s at step %d: mean adapter output norm %.4g -> %.4g (x%.3g)",
+                    self.prev[0],
+                    s.phase,
+                    s.step,
+                    before,
+                    norm,
+                    ratio,
+                )
+        self.prev = (s.phase, s.step, norm)
+
+    def store(self, store: db.Store, run_id: int) -> None:
+        if self.switches:
+            db.put_artifact(store, run_id, "phase_switches", self.switches)
+
+
+def store_router_summary(store: db.Store, run_id: int) -> None:
+    """Per-key means of the router statistics over every logged step (all processes of a
+    resumed run), plus the last logged values: the per-run view the leaderboard reads."""
+    rows = [r for r in db.get_training_log(store, run_id) if r["stats"]]
+    if not rows:
+        return
+    sums: dict[str, float] = {}
+    for r in rows:
+        for k, v in r["stats"].items():
+            sums[k] = sums.get(k, 0.0) + v
+    summary = {
+        "logged_steps": len(rows),
+        "mean": {k: v / len(rows) for k, v in sums.items()},
+        "last_step": rows[-1]["step"],
+        "last": rows[-1]["stats"],
+    }
+    db.put_artifact(store, run_id, "router_stats", summary)
 
 
 def save_adapter(adapted: Adapted, spec: RunSpec, folder: Path) -> None:

@@ -54,6 +54,10 @@ class TrainConfig:
     group_by_length: bool = doc("group batches by length to cut padding", True)
     checkpoint_every: int | None = doc("checkpoint every N steps (None: only at the end)", 50)
     keep_checkpoints: int = doc("how many recent checkpoints to keep on disk", 2)
+    stats_every: int = doc(
+        "record router statistics every N steps, and at the first and last step of each phase",
+        10,
+    )
     precision: Literal["auto", "fp32", "bf16"] = doc(
         "auto: bf16 autocast on GPU, fp32 on CPU", "auto"
     )
@@ -84,6 +88,8 @@ class TrainConfig:
             problems.append(f"checkpoint_every={self.checkpoint_every} must be >= 1 or None")
         if self.keep_checkpoints < 1:
             problems.append(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        if self.stats_every < 1:
+            problems.append(f"stats_every={self.stats_every} must be >= 1")
         if self.template not in TEMPLATES:
             problems.append(f"template='{self.template}' is not one of {', '.join(TEMPLATES)}")
         check(problems, "train")
@@ -181,7 +187,7 @@ def build_optimizer(adapted: Adapted, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
-def _set_phase_trainable(adapted: Adapted, phase: Phase) -> list[torch.nn.Parameter]:
+def set_phase_trainable(adapted: Adapted, phase: Phase) -> list[torch.nn.Parameter]:
     """Switch gradients on for the phase's trainable set; return it (what gets clipped)."""
     trainable = []
     for name, p in adapted.adapter_parameters():
@@ -280,9 +286,19 @@ def train(
         phase = phases[p_idx]
         if p_idx != current_phase:
             current_phase = p_idx
-            trainable = _set_phase_trainable(adapted, phase)
+            trainable = set_phase_trainable(adapted, phase)
             hooks.on_phase(phase, step)
         lr = lr_at(cfg, phase.lr or cfg.lr, step - p_start, p_len)
+        # Router statistics cost a little per forward, so layers record them only on logged
+        # steps: every `stats_every`, and both sides of a phase switch (LoRACoE's norm jump).
+        record = (
+            (step + 1) % cfg.stats_every == 0
+            or step == p_start
+            or step == p_start + p_len - 1
+            or step == total - 1
+        )
+        adapted.context.phase = phase.name
+        adapted.context.record_stats = record
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -334,7 +350,7 @@ def train(
                 lr=lr,
                 tokens=tokens,
                 tokens_per_s=(tokens - tokens_at_t0) / max(elapsed, 1e-9),
-                stats=adapted.collect_stats(),
+                stats=adapted.collect_stats() if record else {},
             )
         )
         if step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
@@ -348,7 +364,9 @@ def train(
             hooks.on_checkpoint(step, path)
     elapsed = time.perf_counter() - t0
     # Evaluation batches differ in shape: no layer may read the last training batch's mask.
+    # The phase stays: the model is evaluated in the form training ended in.
     adapted.context.attention_mask = adapted.context.task_labels = None
+    adapted.context.record_stats = False
     model.eval()
     return TrainResult(
         step, step - state.step, tokens, elapsed, (tokens - tokens_at_t0) / max(elapsed, 1e-9)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moebench.method import METHODS
+from moebench.data import Example
+from moebench.inject import Adapted, prepare_and_inject
+from moebench.method import METHODS, PrepareContext, get_method
 from moebench.models import load_model
 
 # Every test run is offline-deterministic: the hub is never consulted.
@@ -43,3 +45,34 @@ def shared_data_or_skip() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"needs the LLM-Adapters files at {SHARED_DATA} (CI has them beside the repo)")
     return SHARED_DATA
+
+
+def synthetic_examples(vocab: int, n: int = 8, length: int = 10) -> tuple[list[Example], list[str]]:
+    """Random token rows from two task types (boolq: knowledge 1, gsm8k: 0), for preparation
+    stages and task-aware layers on models that have no tokenizer."""
+    g = torch.Generator().manual_seed(0)
+    examples, tasks = [], []
+    for i in range(n):
+        ids = tuple(torch.randint(3, vocab, (length - i % 3,), generator=g).tolist())
+        task = ("boolq", "gsm8k")[i % 2]
+        examples.append(Example(ids, ids, 1 - i % 2))
+        tasks.append(task)
+    return examples, tasks
+
+
+def adapt(model: torch.nn.Module, method: str, config: object | None = None) -> Adapted:
+    """Adapt a model the way the runner does: the method's preparation stage, then inject."""
+    m = get_method(method)
+    examples, tasks = synthetic_examples(model.config.vocab_size)
+    ctx = PrepareContext(
+        model=model,
+        examples=examples,
+        tasks=tasks,
+        model_name=f"test-{type(model).__name__}-{model.config.hidden_size}",
+        seed=0,
+        cache_dir=Path(os.environ["MOEBENCH_CACHE"]),
+        device=torch.device("cpu"),
+        autocast=None,
+    )
+    adapted, _ = prepare_and_inject(model, m, config or m.config_cls(), ctx)
+    return adapted

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from moebench.inject import inject
+from moebench.data import IGNORE_INDEX, collate
 from moebench.method import ModelShapes, get_method
 from moebench.models import count_parameters, load_model, tiny_config
-from tests.conftest import METHOD_NAMES, TINY_MODELS
+from moebench.train import set_phase_trainable, token_loss_sum
+from tests.conftest import METHOD_NAMES, TINY_MODELS, adapt, synthetic_examples
 
 
 def _ids(tok, n: int = 3, length: int = 12) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -28,7 +29,7 @@ def test_initial_adapter_reproduces_base_logits(method: str, model_name: str) ->
     ids = _ids(tok)
     with torch.no_grad():
         base = model(input_ids=ids).logits.clone()
-    adapted = inject(model, get_method(method), _default(method))
+    adapted = adapt(model, method)
     model.eval()
     with torch.no_grad():
         out = model(input_ids=ids).logits
@@ -61,25 +62,42 @@ SHAPES = {
 def test_closed_form_count_matches_trainable_tensors(method: str, shape: str) -> None:
     model = SHAPES[shape]()
     m = get_method(method)
-    cfg = _default(method)
-    inject(model, m, cfg)
+    adapted = adapt(model, method)
     trainable, _ = count_parameters(model)
-    assert m.trainable_parameters(cfg, ModelShapes.from_config(model.config)) == trainable
+    shapes = ModelShapes.from_config(model.config)
+    assert m.trainable_parameters(adapted.config, shapes) == trainable
+    assert 0 < m.active_parameters(adapted.config, shapes) <= trainable
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_one_step_gives_every_trainable_tensor_a_gradient(method: str) -> None:
+def test_every_phase_trains_exactly_its_trainable_set(method: str) -> None:
+    """Two SGD steps per phase, through the loop's own loss and phase switch: every tensor the
+    phase trains gets a non-zero gradient (B starts at zero, so A's only after a step); every
+    tensor it holds back gets none and stays bitwise unchanged (LoRACoE's router in warm-up)."""
     model, tok = load_model("tiny-qwen2")
-    m = get_method(method)
-    adapted = inject(model, m, _default(method))
-    # B starts at zero, so A's gradient is zero at step 0: take one step first, as training does.
+    adapted = adapt(model, method)
+    examples, _ = synthetic_examples(len(tok))
+    batch = collate(examples[:4], tok.pad_token_id)
+    n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    adapted.context.attention_mask = batch["attention_mask"]
+    adapted.context.task_labels = batch["task_labels"]
     opt = torch.optim.SGD([p for _, p in adapted.adapter_parameters()], lr=1e-2)
-    ids = _ids(tok)
-    for _ in range(2):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
+    model.train()
+    for phase in adapted.method.phases(adapted.config):
+        adapted.context.phase = phase.name
+        trainable = {id(p) for p in set_phase_trainable(adapted, phase)}
+        frozen = {
+            n: p.detach().clone() for n, p in adapted.adapter_parameters() if id(p) not in trainable
+        }
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            loss = token_loss_sum(adapted, batch) / n_tokens
+            loss = loss + sum(adapted.collect_aux_losses().values(), torch.zeros(()))
+            loss.backward()
+            opt.step()
         for name, p in adapted.adapter_parameters():
-            assert p.grad is not None, name
-        opt.step()
-    for name, p in adapted.adapter_parameters():
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+            if id(p) in trainable:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"{phase.name}: {name}"
+            else:
+                assert p.grad is None, f"{phase.name}: {name} got a gradient"
+                assert torch.equal(p, frozen[name]), f"{phase.name}: {name} changed"

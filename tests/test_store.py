@@ -31,6 +31,7 @@ from moebench.store import (
     delete_run,
     export_runs,
     find_runs_by_config_hash,
+    get_artifacts,
     get_checkpoints,
     get_metrics,
     get_predictions,
@@ -39,6 +40,7 @@ from moebench.store import (
     list_runs,
     log_steps,
     open_store,
+    put_artifact,
     set_status,
     update_run,
 )
@@ -564,3 +566,32 @@ def test_export_rejects_unknown_format(store: Store) -> None:
 def test_export_unknown_run(store: Store) -> None:
     with pytest.raises(NotFoundError):
         export_runs(store, [99], "json", None)
+
+
+def test_artifacts_round_trip_replace_and_go_with_the_run(db_url: str) -> None:
+    store = open_store(db_url)
+    run_id = create_run(
+        store,
+        method="lora-smoe",
+        model="tiny-llama",
+        suite="mini",
+        config={},
+        config_hash="a" * 64,
+        seed=0,
+        versions={},
+        git_sha=None,
+        hardware={},
+        output_dir=None,
+        status="running",
+    )
+    put_artifact(store, run_id, "allocation", {"modules": {"model.layers.0.mlp.up_proj": 2}})
+    put_artifact(store, run_id, "router_stats", {"share.0": 0.5})
+    put_artifact(store, run_id, "allocation", {"modules": {"model.layers.0.mlp.up_proj": 3}})
+    assert get_artifacts(store, run_id) == {
+        "allocation": {"modules": {"model.layers.0.mlp.up_proj": 3}},
+        "router_stats": {"share.0": 0.5},
+    }
+    delete_run(store, run_id)
+    with store.session() as session:
+        left = session.execute(text("SELECT count(*) FROM run_artifacts")).scalar()
+    assert left == 0

@@ -16,7 +16,13 @@ from typing import Any
 
 from moebench.errors import ConfigError, did_you_mean
 from moebench.store.db import Store
-from moebench.store.queries import get_metrics, get_predictions, get_run, list_runs
+from moebench.store.queries import (
+    get_artifacts,
+    get_metrics,
+    get_predictions,
+    get_run,
+    list_runs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ def _to_json(store: Store, runs: list[dict[str, Any]], include_predictions: bool
     for run in runs:
         document = dict(run)
         document["metrics"] = get_metrics(store, run["id"])
+        document["artifacts"] = get_artifacts(store, run["id"])
         if include_predictions:
             document["predictions"] = get_predictions(store, run["id"])
         documents.append(document)

@@ -36,6 +36,7 @@ from moebench.store.tables import (
     Metric,
     Prediction,
     Run,
+    RunArtifact,
     TrainingStep,
 )
 
@@ -44,6 +45,7 @@ METRICS: Table = Metric.__table__  # type: ignore[assignment]
 PREDICTIONS: Table = Prediction.__table__  # type: ignore[assignment]
 TRAINING_LOG: Table = TrainingStep.__table__  # type: ignore[assignment]
 CHECKPOINTS: Table = Checkpoint.__table__  # type: ignore[assignment]
+ARTIFACTS: Table = RunArtifact.__table__  # type: ignore[assignment]
 
 # Columns the store fills itself; callers never pass them.
 _MANAGED = frozenset({"id", "run_id", "created_at", "updated_at"})
@@ -357,3 +359,18 @@ def get_checkpoints(store: Store, run_id: int) -> list[dict[str, Any]]:
     """Checkpoints of a run by step."""
     t = CHECKPOINTS
     return _rows_of(store, run_id, select(t).where(t.c.run_id == run_id).order_by(t.c.step))
+
+
+def put_artifact(store: Store, run_id: int, name: str, data: Any) -> None:
+    """Store a named JSON result of a run, replacing an earlier one of the same name."""
+    row = {"name": _coerce(ARTIFACTS, "name", name), "data": _plain_json(data)}
+    with store.session() as session:
+        _require_run(session, store, run_id)
+        _replace_rows(session, ARTIFACTS, run_id, [row], ("name",))
+
+
+def get_artifacts(store: Store, run_id: int) -> dict[str, Any]:
+    """A run's named results, name -> JSON value."""
+    t = ARTIFACTS
+    rows = _rows_of(store, run_id, select(t).where(t.c.run_id == run_id).order_by(t.c.name))
+    return {r["name"]: r["data"] for r in rows}

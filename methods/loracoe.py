@@ -1,0 +1,227 @@
+"""LoRACoE (the seed paper): one LoRA read as r rank-1 components, mixed by composite experts.
+
+Each of E experts is a softmax over the r ranks, `G_i(x) = softmax(W_i x)`, and the layer applies
+the experts' mean gate to the rank components:
+
+    h = W0 x + s * (1/E) sum_i sum_j G_ij B_j A_j x  =  W0 x + s * B (gbar * (A x)),
+    gbar = mean_i G_i
+
+The right-hand form is what runs (a test checks it against the literal double sum). By default
+the router rows are stacked under A and x meets `[A; W_1; ...; W_E]` in ONE matmul (the paper's
+appendix C), then the result is split. That matmul has one input, so with dropout > 0 the router
+routes on the dropped x, as the paper's fused kernel must; `fused=false` keeps the two-matmul
+path, router on the raw x as the formula says. With dropout 0 the two are equal (a test).
+
+Training has two phases (paper §3.3 and appendix A): a LoRA warm-up in which the layer is plain
+LoRA (`h = W0 x + s B A x`) and the router neither trains nor decays, then joint training of
+LoRA and router with gates on. Router init is zero, so gates start uniform and `gbar = 1/r`:
+at the switch the adapter's output shrinks r-fold relative to the warmed-up LoRA, which the
+paper does not discuss. The literal formula is the default; `gate_scale=r` multiplies gbar by
+r so the switch is continuous. Each layer logs its adapter-output norm, and the runner reports
+it on both sides of the switch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from moebench.components import (
+    ALL_LINEARS,
+    RouterStats,
+    fp32_matmul,
+    init_lora_factors,
+    init_router,
+    make_dropout,
+    suffix,
+    token_mask,
+)
+from moebench.config import check, doc
+from moebench.method import METHODS, AdapterLayer, BatchContext, Method, ModelShapes, Phase
+
+WARMUP, JOINT = "lora-warmup", "joint"
+
+
+@dataclass(frozen=True)
+class LoRACoEConfig:
+    rank: int = doc("rank r of the shared LoRA, i.e. the number of rank-1 components", 16)
+    alpha: float = doc("scale numerator: the update is multiplied by alpha / rank", 32.0)
+    num_experts: int = doc("composite experts E, each a softmax over the r ranks (paper: 2)", 2)
+    dropout: float = doc("dropout on the adapter's input (paper setting not stated)", 0.05)
+    target_modules: tuple[str, ...] = doc(
+        "module-name suffixes to adapt (comma-separated on the CLI)", ALL_LINEARS
+    )
+    warmup_fraction: float = doc(
+        "share of training spent as plain LoRA before the router joins (paper: 2 of 4 epochs)",
+        0.5,
+    )
+    warmup_lr: float | None = doc(
+        "peak lr of the warm-up phase (paper: 2e-4; None: the run's train.lr)", 2e-4
+    )
+    joint_lr: float | None = doc(
+        "peak lr of the joint phase (paper: 5e-5; None: the run's train.lr)", 5e-5
+    )
+    gate_scale: float = doc(
+        "multiplies the mean gate; 1 is the paper's formula, rank keeps the switch continuous",
+        1.0,
+    )
+    router_init: Literal["zeros", "kaiming", "normal"] = doc(
+        "router weight init; zeros gives uniform gates at the start of the joint phase",
+        "zeros",
+    )
+    fused: bool = doc(
+        "one matmul of x with [A; W_route] (paper appendix C); under dropout the router then "
+        "sees the dropped x; false: the exact formula, router on the raw x",
+        True,
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rank={self.rank} must be a positive integer")
+        if self.num_experts < 1:
+            problems.append(f"num_experts={self.num_experts} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            problems.append(f"warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        for name in ("warmup_lr", "joint_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name}={value} must be > 0 (or None for the run's lr)")
+        if self.gate_scale <= 0:
+            problems.append(f"gate_scale={self.gate_scale} must be > 0")
+        if not self.target_modules:
+            problems.append("target_modules is empty; name at least one linear, e.g. q_proj")
+        check(problems, "loracoe")
+
+
+class LoRACoELinear(AdapterLayer):
+    def __init__(self, base: nn.Linear, config: LoRACoEConfig, context: BatchContext) -> None:
+        super().__init__()
+        self.base = base
+        r, e = config.rank, config.num_experts
+        self.rank, self.num_experts = r, e
+        self.lora_A, self.lora_B = init_lora_factors(r, base.in_features, base.out_features)
+        # [E*r, d_in]: row block i is expert i's W_i, so A and the router stack into one matmul.
+        self.router = init_router(e * r, base.in_features, config.router_init)
+        self.scaling = config.alpha / r
+        self.gate_scale = config.gate_scale
+        self.dropout = make_dropout(config.dropout)
+        self.fused = config.fused
+        self.context = context
+        self.router_stats = RouterStats(r)
+        self._norm_sum: torch.Tensor | None = None
+        self._norm_tokens = 0
+
+    def gated(self) -> bool:
+        return self.context.phase != WARMUP
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        xa = x.to(self.lora_A.dtype)
+        if not self.gated():
+            h = self.dropout(xa) @ self.lora_A.t()
+        elif self.fused:
+            # One fp32 matmul for A and the router together (routers stay out of bf16).
+            both = fp32_matmul(self.dropout(x), torch.cat([self.lora_A, self.router]))
+            h, logits = both.split([self.rank, self.rank * self.num_experts], dim=-1)
+            h = h * self._mean_gate(logits, x)
+        else:
+            h = self.dropout(xa) @ self.lora_A.t()
+            h = h * self._mean_gate(fp32_matmul(x, self.router), x)
+        delta = (h @ self.lora_B.t()) * self.scaling
+        if self.training and self.context.record_stats:
+            self._record_norm(delta, x)
+        return out + delta.to(out.dtype)
+
+    def _mean_gate(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """gbar = mean over experts of softmax over ranks, in fp32."""
+        g = logits.float().unflatten(-1, (self.num_experts, self.rank)).softmax(-1)
+        gbar = g.mean(-2)
+        if self.training and self.context.record_stats:
+            mask = token_mask(self.context.attention_mask, x)
+            self.router_stats.record(gbar.reshape(-1, self.rank), mask, entropy_of=g)
+        return gbar * self.gate_scale
+
+    @torch.no_grad()
+    def _record_norm(self, delta: torch.Tensor, x: torch.Tensor) -> None:
+        norms = delta.float().norm(dim=-1).reshape(-1)
+        mask = token_mask(self.context.attention_mask, x)
+        if mask is not None:
+            norms = norms[mask]
+        total = norms.sum()
+        self._norm_sum = total if self._norm_sum is None else self._norm_sum + total
+        self._norm_tokens += norms.numel()
+
+    def stats(self) -> dict[str, float]:
+        """Per-rank mean gate (`share.j`), gate entropy, and the adapter output's mean L2 norm."""
+        out = self.router_stats.summary() if self.gated() else {}
+        if self._norm_sum is not None and self._norm_tokens:
+            out["out_norm"] = float(self._norm_sum) / self._norm_tokens
+        self._norm_sum, self._norm_tokens = None, 0
+        return out
+
+
+def literal_double_sum(layer: LoRACoELinear, x: torch.Tensor) -> torch.Tensor:
+    """The paper's formula term by term, for tests: (1/E) sum_i sum_j G_ij B_j A_j x."""
+    e, r = layer.num_experts, layer.rank
+    logits = x.float() @ layer.router.t()
+    total = torch.zeros(*x.shape[:-1], layer.lora_B.shape[0])
+    for i in range(e):
+        g_i = logits[..., i * r : (i + 1) * r].softmax(-1)
+        for j in range(r):
+            a_j, b_j = layer.lora_A[j], layer.lora_B[:, j]
+            total = total + g_i[..., j : j + 1] * (x.float() @ a_j)[..., None] * b_j
+    return layer.base(x) + layer.scaling * layer.gate_scale * total / e
+
+
+class LoRACoE(Method):
+    name = "loracoe"
+    help = "LoRACoE: composite experts over one LoRA's rank-1 components (the seed paper)."
+    config_cls = LoRACoEConfig
+    budget_knobs = ("rank", "num_experts")
+
+    def adapt_module(
+        self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
+    ) -> nn.Module | None:
+        if isinstance(module, nn.Linear) and suffix(qualified_name) in config.target_modules:
+            return LoRACoELinear(module, config, context)
+        return None
+
+    def target_names(self, config: Any) -> tuple[str, ...]:
+        return config.target_modules
+
+    def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
+        r, e = config.rank, config.num_experts
+        per_layer = sum(
+            r * (s.d_in + s.d_out) + e * r * s.d_in
+            for name, s in shapes.linears.items()
+            if name in config.target_modules
+        )
+        return shapes.num_layers * per_layer
+
+    def phases(self, config: Any) -> tuple[Phase, ...]:
+        joint = Phase(JOINT, 1.0 - config.warmup_fraction, None, config.joint_lr)
+        if config.warmup_fraction == 0:
+            return (dataclasses.replace(joint, fraction=1.0),)
+        warmup = Phase(WARMUP, config.warmup_fraction, _not_router, config.warmup_lr)
+        return (warmup, joint)
+
+    def no_weight_decay(self, config: Any, param_name: str) -> bool:
+        return _is_router(param_name)
+
+
+def _is_router(param_name: str) -> bool:
+    return param_name.endswith(".router")
+
+
+def _not_router(param_name: str) -> bool:
+    return not _is_router(param_name)
+
+
+METHODS.add(LoRACoE.name, LoRACoE())
