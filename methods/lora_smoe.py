@@ -314,6 +314,12 @@ class LoRASMoE(Method):
     def prepare(self, config: Any, ctx: PrepareContext) -> Prepared:
         linears = {n: m for n, m in ctx.model.named_modules() if isinstance(m, nn.Linear)}
         if config.allocation:
+            if config.budget_params is not None or config.budget_experts is not None:
+                raise ConfigError(
+                    "lora-smoe was given both an allocation and a budget (budget_params="
+                    f"{config.budget_params}, budget_experts={config.budget_experts}); a given "
+                    "allocation fixes the size, so drop the budget or the allocation."
+                )
             given = parse_allocation(config.allocation)
             unknown = [n for n in given if n not in linears]
             if unknown:

@@ -116,23 +116,22 @@ class LoRACoELinear(AdapterLayer):
         self.context = context
         self.router_stats = RouterStats(r)
         self._norm_sum: torch.Tensor | None = None
-        self._norm_tokens = 0
+        self._norm_tokens: torch.Tensor | None = None
 
     def gated(self) -> bool:
         return self.context.phase != WARMUP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        xa = x.to(self.lora_A.dtype)
         if not self.gated():
-            h = self.dropout(xa) @ self.lora_A.t()
+            h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
         elif self.fused:
             # One fp32 matmul for A and the router together (routers stay out of bf16).
             both = fp32_matmul(self.dropout(x), torch.cat([self.lora_A, self.router]))
             h, logits = both.split([self.rank, self.rank * self.num_experts], dim=-1)
             h = h * self._mean_gate(logits, x)
         else:
-            h = self.dropout(xa) @ self.lora_A.t()
+            h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
             h = h * self._mean_gate(fp32_matmul(x, self.router), x)
         delta = (h @ self.lora_B.t()) * self.scaling
         if self.training and self.context.record_stats:
@@ -152,18 +151,19 @@ class LoRACoELinear(AdapterLayer):
     def _record_norm(self, delta: torch.Tensor, x: torch.Tensor) -> None:
         norms = delta.float().norm(dim=-1).reshape(-1)
         mask = token_mask(self.context.attention_mask, x)
-        if mask is not None:
-            norms = norms[mask]
-        total = norms.sum()
+        w = torch.ones_like(norms) if mask is None else mask.float()
+        total, count = (norms * w).sum(), w.sum()  # no boolean indexing: no device sync
         self._norm_sum = total if self._norm_sum is None else self._norm_sum + total
-        self._norm_tokens += norms.numel()
+        self._norm_tokens = count if self._norm_tokens is None else self._norm_tokens + count
 
     def stats(self) -> dict[str, float]:
         """Per-rank mean gate (`share.j`), gate entropy, and the adapter output's mean L2 norm."""
         out = self.router_stats.summary() if self.gated() else {}
-        if self._norm_sum is not None and self._norm_tokens:
-            out["out_norm"] = float(self._norm_sum) / self._norm_tokens
-        self._norm_sum, self._norm_tokens = None, 0
+        if self._norm_sum is not None and self._norm_tokens is not None:
+            tokens = float(self._norm_tokens)
+            if tokens:
+                out["out_norm"] = float(self._norm_sum) / tokens
+        self._norm_sum = self._norm_tokens = None
         return out
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebench.components import RouterStats, make_dropout, suffix, token_mask
+from moebench.components import RouterStats, fp32_matmul, make_dropout, suffix, token_mask
 from moebench.config import check, doc
 from moebench.method import METHODS, AdapterLayer, BatchContext, Method, ModelShapes
 from moebench.methods.lora import LoRALinear
@@ -105,8 +105,7 @@ def _expert_factors(
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ W.T` in fp32 even under bf16 autocast: top-k choices and the balance loss are
     sensitive to the logits' low bits."""
-    with torch.autocast(x.device.type, enabled=False):
-        return x.float() @ weight.float().t()
+    return fp32_matmul(x, weight)  # keeps x, not an fp32 copy of it, for the backward
 
 
 def _grouped(

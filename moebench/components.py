@@ -58,10 +58,11 @@ def token_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Te
 class RouterStats:
     """Running sums of one router's gates over the forwards the loop asks to record.
 
-    Kept as device tensors and turned into floats only in `summary`, so recording costs no
-    device synchronisation. `share.i` is expert i's mean gate mass over real tokens; under
-    top-k routing `load.i` is the fraction of routing slots that picked expert i; `entropy` is
-    the mean entropy (nats) of the gate distribution.
+    Kept as device tensors, with padding removed by multiplying with a 0/1 weight rather than by
+    boolean indexing, so recording never waits on the device; floats are made only in `summary`.
+    `share.i` is expert i's mean gate mass over real tokens; under top-k routing `load.i` is the
+    fraction of routing slots that picked expert i; `entropy` is the mean entropy (nats) of the
+    gate distribution(s).
     """
 
     def __init__(self, num_experts: int) -> None:
@@ -73,7 +74,6 @@ class RouterStats:
         self.load: torch.Tensor | None = None
         self.entropy: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
-        self.slots: torch.Tensor | None = None
 
     @torch.no_grad()
     def record(
@@ -83,26 +83,27 @@ class RouterStats:
         chosen: torch.Tensor | None = None,
         entropy_of: torch.Tensor | None = None,
     ) -> None:
-        """probs [tokens, n] gate weights; chosen [tokens, k] top-k indices; entropy_of
-        [tokens, ..., m] distributions whose entropy to log (default: probs)."""
+        """probs [tokens, n] gate weights; mask [tokens] real tokens; chosen [tokens, k] top-k
+        indices; entropy_of [tokens, ..., m] distributions whose entropy to log (default probs)."""
         probs = probs.detach().float().reshape(-1, self.num_experts)
+        t = probs.shape[0]
+        w = torch.ones(t, device=probs.device) if mask is None else mask.reshape(t).float()
         dist = (probs if entropy_of is None else entropy_of.detach().float()).reshape(
-            probs.shape[0], -1, (probs if entropy_of is None else entropy_of).shape[-1]
+            t, -1, (probs if entropy_of is None else entropy_of).shape[-1]
         )
-        if mask is not None:
-            probs, dist = probs[mask], dist[mask]
-            chosen = chosen[mask] if chosen is not None else None
-        ent = -(dist * dist.clamp_min(1e-20).log()).sum(-1).mean(-1).sum()
-        n = torch.tensor(float(probs.shape[0]), device=probs.device)
-        mass = probs.sum(0)
-        self.mass = mass if self.mass is None else self.mass + mass
-        self.entropy = ent if self.entropy is None else self.entropy + ent
-        self.tokens = n if self.tokens is None else self.tokens + n
+        ent = -(dist * dist.clamp_min(1e-20).log()).sum(-1).mean(-1)  # [tokens]
+        self._add("mass", (probs * w[:, None]).sum(0))
+        self._add("entropy", (ent * w).sum())
+        self._add("tokens", w.sum())
         if chosen is not None:
-            load = torch.bincount(chosen.reshape(-1), minlength=self.num_experts).float()
-            slots = torch.tensor(float(chosen.numel()), device=probs.device)
-            self.load = load if self.load is None else self.load + load
-            self.slots = slots if self.slots is None else self.slots + slots
+            k = chosen.shape[-1]
+            load = torch.zeros(self.num_experts, device=probs.device)
+            load.scatter_add_(0, chosen.reshape(-1), w.repeat_interleave(k))
+            self._add("load", load)
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else old + value)
 
     def summary(self) -> dict[str, float]:
         """Means since the last summary (then reset); empty when nothing was recorded."""
@@ -113,8 +114,8 @@ class RouterStats:
         assert self.mass is not None and self.entropy is not None
         out = {f"share.{i}": v / tokens for i, v in enumerate(self.mass.tolist())}
         out["entropy"] = float(self.entropy) / tokens
-        if self.load is not None and self.slots is not None:
-            slots = float(self.slots)
+        if self.load is not None:
+            slots = float(self.load.sum())
             out.update({f"load.{i}": v / slots for i, v in enumerate(self.load.tolist())})
         self._reset()
         return out

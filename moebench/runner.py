@@ -383,15 +383,17 @@ def _prepare(
     prepared = method.prepare(spec.method_config, ctx)
     for note in prepared.notes:
         log.warning("%s", note)
+    # Artifacts first: once `_prepared` is stored a resume skips this stage, so everything it
+    # produced must already be there.
+    for name, data in prepared.artifacts.items():
+        db.put_artifact(store, run_id, name, data)
+    if prepared.notes:
+        db.put_artifact(store, run_id, "notes", prepared.notes)
     config = {
         **row["config"],
         "_prepared": {"method_config": to_dict(prepared.config), "notes": prepared.notes},
     }
     db.update_run(store, run_id, config=config)
-    for name, data in prepared.artifacts.items():
-        db.put_artifact(store, run_id, name, data)
-    if prepared.notes:
-        db.put_artifact(store, run_id, "notes", prepared.notes)
     return prepared.config
 
 
@@ -446,12 +448,16 @@ def store_router_summary(store: db.Store, run_id: int) -> None:
     if not rows:
         return
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for r in rows:
         for k, v in r["stats"].items():
             sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
     summary = {
         "logged_steps": len(rows),
-        "mean": {k: v / len(rows) for k, v in sums.items()},
+        # per key over the steps that logged it: gates exist only in some phases (LoRACoE)
+        "mean": {k: v / counts[k] for k, v in sums.items()},
+        "steps_logged_per_key": counts,
         "last_step": rows[-1]["step"],
         "last": rows[-1]["stats"],
     }
@@ -459,9 +465,12 @@ def store_router_summary(store: db.Store, run_id: int) -> None:
 
 
 def save_adapter(adapted: Adapted, spec: RunSpec, folder: Path) -> None:
+    """The adapter weights and the config that builds their modules: the prepared method config
+    (e.g. with LoRA-SMoE's allocation), so loading never needs the preparation stage again."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(adapted.adapter_state_dict(), str(folder / "adapter.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(spec.to_dict(), indent=1))
+    config = {**spec.to_dict(), "method_config": to_dict(adapted.config)}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
 
 
 def score_all(
@@ -517,16 +526,34 @@ def resume(run_id: int, env: RunEnv, observer: Observer | None = None) -> int:
     config = {k: v for k, v in row["config"].items() if not k.startswith("_")}
     spec = resolve(base=config)
     if spec.hash != row["config_hash"]:
-        raise ConfigError(
-            f"Run {run_id}'s stored config no longer resolves to the same settings (hash "
-            f"{spec.hash[:12]} vs {row['config_hash'][:12]}); this moebench changed a default."
-        )
+        changed = _changed_settings(config, spec.to_dict())
+        if changed:
+            raise ConfigError(
+                f"Run {run_id}'s stored config no longer resolves to the same settings "
+                f"({', '.join(changed[:4])} differ); this moebench changed a default, so "
+                "--rerun it instead."
+            )
+        # Only fields added since the run was stored (at their defaults) differ: same run.
+        log.warning("run %d predates config fields added since; resuming it", run_id)
     return execute(
         spec,
         RunEnv(db=env.db, data_dir=env.data_dir or _stored_root(row)),
         observer,
         resume_run=run_id,
     )
+
+
+def _changed_settings(stored: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose stored value differs from what it resolves to now; keys the stored config
+    lacks (fields added later, resolved to their defaults) do not count."""
+    out = []
+    for key, old in stored.items():
+        new = now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def _stored_root(row: dict[str, Any]) -> str | None:

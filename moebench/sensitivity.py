@@ -179,7 +179,21 @@ def cache_key(
         "mode": mode_name(kwargs.get("update_lr")),
         "precision": str(autocast).removeprefix("torch.") if autocast else "fp32",
         "examples_sha256": examples_digest(chosen),
+        "weights_sha256": weights_digest(kwargs["model"]),
     }
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A cheap fingerprint of the measured weights (shape and a strided sample of each), so a
+    retrained local folder or a new hub revision under the same name never hits a stale cache."""
+    h = hashlib.sha256()
+    for name, w in decoder_weights(model).items():
+        flat = w.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 257)][:257].float().cpu()
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
 
 
 def measure_cached(

@@ -65,7 +65,7 @@ def test_moebench_budget_prints_table8(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("model", ["qwen2-0.5b", "llama2-7b"])
-def test_every_solution_is_within_tolerance_or_says_so(model: str) -> None:
+def test_every_method_lands_within_five_percent_of_lora_r16(model: str) -> None:
     shapes, total = _shapes(model)
     target = parse_target("lora:r=16", shapes, total).params
     for s in solve_all(shapes, target):
@@ -75,7 +75,7 @@ def test_every_solution_is_within_tolerance_or_says_so(model: str) -> None:
             assert getattr(s.config, method.budget_target_field) == target
             continue
         assert s.achieved == method.trainable_parameters(s.config, shapes)
-        assert s.within(0.05) == (abs(s.achieved / target - 1) <= 0.05)
+        assert abs(s.achieved / target - 1) <= 0.05, (s.method, s.knobs, s.achieved, target)
         assert s.active is not None and 0 < s.active <= s.achieved
 
 

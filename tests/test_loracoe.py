@@ -121,7 +121,8 @@ def _run(tmp: Path, cfg: LoRACoEConfig, steps: int = 6, **train_kw):  # type: ig
 
 
 def test_router_is_bitwise_frozen_and_undecayed_in_warmup_then_trains(tmp_path: Path) -> None:
-    cfg = LoRACoEConfig(warmup_lr=None, joint_lr=None)
+    # a non-zero router, so decay (which leaves zeros at zero) would show if it were applied
+    cfg = LoRACoEConfig(warmup_lr=None, joint_lr=None, router_init="normal")
     adapted, logs, snaps = _run(tmp_path, cfg, weight_decay=0.1)
     assert [s.phase for s in logs] == [WARMUP] * 3 + [JOINT] * 3
     routers = [k for k in snaps[0] if k.endswith(".router")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moebench import store
+from moebench.config import config_hash
 from moebench.data import collate
 from moebench.method import ModelShapes, get_method
 from moebench.models import load_model, model_config
@@ -95,14 +96,21 @@ def test_moebench_run_trains_scores_and_stores_router_statistics(
         summary = artifacts["router_stats"]
         assert summary["logged_steps"] == len(logged)
         assert summary["last"] == logged[-1]["stats"]
-        key = next(iter(summary["mean"]))
-        assert summary["mean"][key] == pytest.approx(
-            sum(row["stats"][key] for row in logged) / len(logged)
-        )
+        for key, mean in summary["mean"].items():  # over the steps that logged each key
+            values = [row["stats"][key] for row in logged if key in row["stats"]]
+            assert mean == pytest.approx(sum(values) / len(values)), key
         shares = [v for k, v in logged[-1]["stats"].items() if ".share." in k]
         assert shares and all(0.0 <= v <= 1.0 for v in shares)
     # the preparation stage's outcome is stored, so a resume rebuilds the same modules
     assert set(run["config"]["_prepared"]["method_config"]) == set(run["config"]["method_config"])
+
+
+SHIPPED_MOE = ["loramoe", "loramoe-partition", "mixlora", "lora-smoe", "loracoe"]
+
+
+@pytest.mark.parametrize("method", SHIPPED_MOE)
+def test_shipped_moe_methods_report_router_statistics(method: str) -> None:
+    assert _reports_router_stats(method)
 
 
 def test_run_budget_stores_target_and_achieved_counts(tmp_path: Path) -> None:
@@ -118,6 +126,7 @@ def test_run_budget_stores_target_and_achieved_counts(tmp_path: Path) -> None:
     assert budget["achieved_params"] == run["trainable_params"]
     assert abs(budget["achieved_params"] / budget["target_params"] - 1) <= 0.05
     assert run["config"]["method_config"]["rank"] == budget["knobs"]["rank"]
+    assert budget["active_params"] == budget["achieved_params"]  # LoRACoE routes densely
     lora = get_method("lora")
     shapes = ModelShapes.from_config(model_config("tiny-llama"))
     assert budget["target_params"] == lora.trainable_parameters(lora.config_cls(rank=16), shapes)
@@ -165,3 +174,23 @@ def test_a_resumed_run_reuses_its_preparation_instead_of_measuring_again(
     run = store.get_run(s, run["id"])
     assert run["status"] == "done" and run["resumed_from_step"] == 2
     assert run["config"]["_prepared"]["method_config"]["allocation"] == stored
+
+
+def test_a_run_stored_before_a_config_field_existed_still_resumes(tmp_path: Path) -> None:
+    """Runs interrupted under an older moebench lack fields added since (e.g. stats_every);
+    they resolve to those fields' defaults and resume, instead of failing on the hash."""
+    db = f"sqlite:///{tmp_path / 'o.db'}"
+    spec = resolve(
+        options={"model": "tiny-llama", "max_steps": 4, "limit": 1},
+        sets=[("train.batch_size", "8"), ("train.checkpoint_every", "2"), ("eval.tasks", "boolq")],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        execute(spec, RunEnv(db=db, output_dir=str(tmp_path / "out")), _StopAt(3))
+    s = store.open_store(db)
+    (run,) = store.list_runs(s)
+    old = {k: v for k, v in run["config"].items()}
+    del old["train"]["stats_every"]
+    public = {k: v for k, v in old.items() if not k.startswith("_")}
+    store.update_run(s, run["id"], config=old, config_hash=config_hash(public))
+    assert resume(run["id"], RunEnv(db=db)) == run["id"]
+    assert store.get_run(s, run["id"])["status"] == "done"
