@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -473,7 +475,68 @@ def runs_show(
             value = f"{value:,}"
         console.print(f"[bold]{key}[/]: {escape(str(value))}")
     console.print("[dim]settings: moebench runs show ID --config[/]")
+    _print_artifacts(store.get_artifacts(s, run_id))
     _print_metrics(db, run_id)
+
+
+def _print_artifacts(artifacts: dict[str, Any]) -> None:
+    """A run's named results in brief: notes, budget, allocation map, router summary."""
+    for note in artifacts.get("notes", []):
+        console.print(f"[bold]note[/]: {escape(note)}")
+    budget = artifacts.get("budget")
+    if budget:
+        console.print(
+            f"[bold]budget[/]: {budget['target']} = {budget['target_params']:,} parameters; "
+            f"achieved {budget['achieved_params']:,} ({budget['relative_error']:+.1%}), "
+            f"{budget['active_params']:,} active per token"
+        )
+    for switch in artifacts.get("phase_switches", []):
+        if switch.get("ratio") is not None:
+            console.print(
+                f"[bold]phase switch[/] {switch['from']} -> {switch['to']} at step "
+                f"{switch['step']}: adapter output norm {switch['adapter_out_norm_before']:.4g}"
+                f" -> {switch['adapter_out_norm_after']:.4g} (x{switch['ratio']:.3g})"
+            )
+    allocation = artifacts.get("allocation")
+    if allocation and allocation.get("modules"):
+        _layer_table("experts per module (allocation)", allocation["modules"], str)
+    router = artifacts.get("router_stats")
+    if router:
+        entropy = {
+            k.removesuffix(".entropy"): v
+            for k, v in router["mean"].items()
+            if k.endswith("entropy")
+        }
+        _layer_table(
+            f"mean gate entropy (nats) over {router['logged_steps']} logged steps",
+            entropy,
+            lambda v: f"{v:.2f}",
+        )
+
+
+def _layer_table(title: str, values: dict[str, Any], fmt: Callable[[Any], str]) -> None:
+    """Values keyed by module name as a layers x module-type grid (a text heat map)."""
+    grid: dict[int, dict[str, Any]] = {}
+    columns: list[str] = []
+    for name, value in values.items():
+        match = re.search(r"layers\.(\d+)\..*?([A-Za-z_]+)$", name)
+        if not match:
+            continue
+        layer, module = int(match.group(1)), match.group(2)
+        grid.setdefault(layer, {})[module] = value
+        if module not in columns:
+            columns.append(module)
+    if not grid:
+        return
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer")
+    for c in columns:
+        table.add_column(c)
+    for layer in sorted(grid):
+        table.add_row(
+            str(layer), *(fmt(grid[layer][c]) if c in grid[layer] else "" for c in columns)
+        )
+    console.print(table)
 
 
 @app.command()
