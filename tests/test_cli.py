@@ -147,13 +147,15 @@ def _wait_for_checkpoint(db_file: Path, step: int) -> None:
     """Poll the store until the training process has recorded a checkpoint at `step` or later."""
     deadline, seen = time.time() + 120, 0
     while time.time() < deadline and seen < step:
-        time.sleep(0.3)
+        time.sleep(0.1)
         if db_file.exists():
-            with sqlite3.connect(db_file) as c:
-                try:
-                    seen = c.execute("select coalesce(max(last_step), 0) from runs").fetchone()[0]
-                except sqlite3.OperationalError:
-                    seen = 0
+            c = sqlite3.connect(db_file, timeout=0.05)
+            try:
+                seen = c.execute("select coalesce(max(last_step), 0) from runs").fetchone()[0]
+            except sqlite3.OperationalError:
+                seen = 0
+            finally:
+                c.close()
     assert seen >= step, "training never reached a checkpoint"
 
 
@@ -165,7 +167,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
         "--model",
         "tiny-llama",
         "--max-steps",
-        "60",
+        "200",  # long enough that the signal always lands mid-run, on a fast machine too
         "--limit",
         "2",
         "--set",
@@ -198,7 +200,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
     r = moebench("run", "--resume", str(run["id"]), "--db", db, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run = store.get_run(s, run["id"])
-    assert run["status"] == "done" and run["last_step"] == 60
+    assert run["status"] == "done" and run["last_step"] == 200
     assert run["resumed_from_step"] is not None
 
 
