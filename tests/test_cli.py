@@ -159,6 +159,10 @@ def _wait_for_checkpoint(db_file: Path, step: int) -> None:
     assert seen >= step, "training never reached a checkpoint"
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path) -> None:
     db_file = tmp_path / "i.db"
     db = f"sqlite:///{db_file}"
@@ -167,7 +171,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
         "--model",
         "tiny-llama",
         "--max-steps",
-        "200",  # long enough that the signal always lands mid-run, on a fast machine too
+        "60",
         "--limit",
         "2",
         "--set",
@@ -183,6 +187,9 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a suite started in the background (`cmd &`) inherits an ignored
+        # SIGINT, and Python then installs no Ctrl-C handler in the child at all.
+        preexec_fn=_default_sigint,
     )
     _wait_for_checkpoint(db_file, 4)
     proc.send_signal(signal.SIGINT)
@@ -200,7 +207,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
     r = moebench("run", "--resume", str(run["id"]), "--db", db, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run = store.get_run(s, run["id"])
-    assert run["status"] == "done" and run["last_step"] == 200
+    assert run["status"] == "done" and run["last_step"] == 60
     assert run["resumed_from_step"] is not None
 
 
