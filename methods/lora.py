@@ -16,9 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from moebench.components import ALL_LINEARS, init_lora_factors, make_dropout, suffix
+from moebench.components import ALL_LINEARS, init_lora_factors, make_dropout
 from moebench.config import check, doc
-from moebench.method import METHODS, AdapterLayer, BatchContext, Method, ModelShapes
+from moebench.method import (
+    METHODS,
+    AdapterLayer,
+    BatchContext,
+    LinearMethod,
+    LinearShape,
+)
 
 
 @dataclass(frozen=True)
@@ -75,28 +81,16 @@ class LoRALinear(AdapterLayer):
             self.merged = False
 
 
-class LoRA(Method):
+class LoRA(LinearMethod):
     name = "lora"
     help = "LoRA: one rank-r update per targeted linear (Hu et al. 2021)."
     config_cls = LoRAConfig
 
-    def adapt_module(
-        self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
-    ) -> nn.Module | None:
-        if isinstance(module, nn.Linear) and suffix(qualified_name) in config.target_modules:
-            return LoRALinear(module, config.rank, config.alpha, config.dropout)
-        return None
+    def make_layer(self, module: nn.Linear, config: Any, context: BatchContext) -> AdapterLayer:
+        return LoRALinear(module, config.rank, config.alpha, config.dropout)
 
-    def target_names(self, config: Any) -> tuple[str, ...]:
-        return config.target_modules
-
-    def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
-        per_layer = sum(
-            config.rank * (s.d_in + s.d_out)
-            for name, s in shapes.linears.items()
-            if name in config.target_modules
-        )
-        return shapes.num_layers * per_layer
+    def linear_parameters(self, config: Any, shape: LinearShape) -> int:
+        return config.rank * (shape.d_in + shape.d_out)
 
 
 METHODS.add(LoRA.name, LoRA())

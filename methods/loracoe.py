@@ -37,11 +37,17 @@ from moebench.components import (
     init_lora_factors,
     init_router,
     make_dropout,
-    suffix,
     token_mask,
 )
 from moebench.config import check, doc
-from moebench.method import METHODS, AdapterLayer, BatchContext, Method, ModelShapes, Phase
+from moebench.method import (
+    METHODS,
+    AdapterLayer,
+    BatchContext,
+    LinearMethod,
+    LinearShape,
+    Phase,
+)
 
 WARMUP, JOINT = "lora-warmup", "joint"
 
@@ -167,43 +173,19 @@ class LoRACoELinear(AdapterLayer):
         return out
 
 
-def literal_double_sum(layer: LoRACoELinear, x: torch.Tensor) -> torch.Tensor:
-    """The paper's formula term by term, for tests: (1/E) sum_i sum_j G_ij B_j A_j x."""
-    e, r = layer.num_experts, layer.rank
-    logits = x.float() @ layer.router.t()
-    total = torch.zeros(*x.shape[:-1], layer.lora_B.shape[0])
-    for i in range(e):
-        g_i = logits[..., i * r : (i + 1) * r].softmax(-1)
-        for j in range(r):
-            a_j, b_j = layer.lora_A[j], layer.lora_B[:, j]
-            total = total + g_i[..., j : j + 1] * (x.float() @ a_j)[..., None] * b_j
-    return layer.base(x) + layer.scaling * layer.gate_scale * total / e
-
-
-class LoRACoE(Method):
+class LoRACoE(LinearMethod):
     name = "loracoe"
     help = "LoRACoE: composite experts over one LoRA's rank-1 components (the seed paper)."
     config_cls = LoRACoEConfig
     budget_knobs = ("rank", "num_experts")
 
-    def adapt_module(
-        self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
-    ) -> nn.Module | None:
-        if isinstance(module, nn.Linear) and suffix(qualified_name) in config.target_modules:
-            return LoRACoELinear(module, config, context)
-        return None
+    def make_layer(self, module: nn.Linear, config: Any, context: BatchContext) -> AdapterLayer:
+        return LoRACoELinear(module, config, context)
 
-    def target_names(self, config: Any) -> tuple[str, ...]:
-        return config.target_modules
-
-    def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
-        r, e = config.rank, config.num_experts
-        per_layer = sum(
-            r * (s.d_in + s.d_out) + e * r * s.d_in
-            for name, s in shapes.linears.items()
-            if name in config.target_modules
+    def linear_parameters(self, config: Any, shape: LinearShape) -> int:
+        return (
+            config.rank * (shape.d_in + shape.d_out) + config.num_experts * config.rank * shape.d_in
         )
-        return shapes.num_layers * per_layer
 
     def phases(self, config: Any) -> tuple[Phase, ...]:
         joint = Phase(JOINT, 1.0 - config.warmup_fraction, None, config.joint_lr)

@@ -43,8 +43,8 @@ from moebench.method import (
     METHODS,
     AdapterLayer,
     BatchContext,
-    Method,
-    ModelShapes,
+    LinearMethod,
+    LinearShape,
     PrepareContext,
     Prepared,
 )
@@ -249,40 +249,27 @@ class LoRAMoELinear(AdapterLayer):
         return self.router_stats.summary()
 
 
-class LoRAMoE(Method):
+class LoRAMoE(LinearMethod):
     name = "loramoe"
     help = "LoRAMoE: N router-mixed LoRA experts per FFN linear, with LBC (Dou et al. 2024)."
     config_cls = LoRAMoEConfig
     budget_knobs = ("rank", "num_experts")
 
-    def adapt_module(
-        self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
-    ) -> nn.Module | None:
-        if isinstance(module, nn.Linear) and suffix(qualified_name) in config.target_modules:
-            return LoRAMoELinear(
-                module,
-                config.num_experts,
-                config.rank,
-                config.alpha,
-                config.dropout,
-                context,
-                lbc_delta=config.lbc_delta,
-                lbc_beta=config.lbc_beta,
-                mask_padding=config.lbc_mask_padding,
-            )
-        return None
-
-    def target_names(self, config: Any) -> tuple[str, ...]:
-        return config.target_modules
-
-    def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
-        n, r = config.num_experts, config.rank
-        per_layer = sum(
-            n * r * (s.d_in + s.d_out) + n * s.d_in
-            for name, s in shapes.linears.items()
-            if name in config.target_modules
+    def make_layer(self, module: nn.Linear, config: Any, context: BatchContext) -> AdapterLayer:
+        return LoRAMoELinear(
+            module,
+            config.num_experts,
+            config.rank,
+            config.alpha,
+            config.dropout,
+            context,
+            lbc_delta=config.lbc_delta,
+            lbc_beta=config.lbc_beta,
+            mask_padding=config.lbc_mask_padding,
         )
-        return shapes.num_layers * per_layer
+
+    def linear_parameters(self, config: Any, shape: LinearShape) -> int:
+        return config.num_experts * (config.rank * (shape.d_in + shape.d_out) + shape.d_in)
 
     def no_weight_decay(self, config: Any, param_name: str) -> bool:
         return suffix(param_name) == "router"

@@ -22,7 +22,13 @@ from torch import nn
 
 from moebench.components import ALL_LINEARS, suffix
 from moebench.config import check, doc
-from moebench.method import METHODS, BatchContext, Method, ModelShapes
+from moebench.method import (
+    METHODS,
+    AdapterLayer,
+    BatchContext,
+    LinearMethod,
+    LinearShape,
+)
 from moebench.methods.loramoe import LoRAMoELinear
 
 
@@ -58,30 +64,18 @@ class LoRAMoEPartitionConfig:
         check(problems, "loramoe-partition")
 
 
-class LoRAMoEPartition(Method):
+class LoRAMoEPartition(LinearMethod):
     name = "loramoe-partition"
     help = "Partition LoRAMoE: one rank-r LoRA split into N router-mixed rank groups."
     config_cls = LoRAMoEPartitionConfig
     budget_knobs = ("rank", "num_experts")
 
-    def adapt_module(
-        self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
-    ) -> nn.Module | None:
-        if isinstance(module, nn.Linear) and suffix(qualified_name) in config.target_modules:
-            n = config.num_experts
-            return LoRAMoELinear(module, n, config.rank // n, config.alpha, config.dropout, context)
-        return None
+    def make_layer(self, module: nn.Linear, config: Any, context: BatchContext) -> AdapterLayer:
+        n = config.num_experts
+        return LoRAMoELinear(module, n, config.rank // n, config.alpha, config.dropout, context)
 
-    def target_names(self, config: Any) -> tuple[str, ...]:
-        return config.target_modules
-
-    def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
-        per_layer = sum(
-            config.rank * (s.d_in + s.d_out) + config.num_experts * s.d_in
-            for name, s in shapes.linears.items()
-            if name in config.target_modules
-        )
-        return shapes.num_layers * per_layer
+    def linear_parameters(self, config: Any, shape: LinearShape) -> int:
+        return config.rank * (shape.d_in + shape.d_out) + config.num_experts * shape.d_in
 
     def no_weight_decay(self, config: Any, param_name: str) -> bool:
         return suffix(param_name) == "router"

@@ -102,14 +102,14 @@ def parse_target(text: str, shapes: ModelShapes, total_params: int) -> Target:
     return Target(raw, count)
 
 
-def _candidates(method: Method, base: Any, knob: str) -> list[int]:
+def _candidates(base: Any, knob: str) -> list[int]:
     """Values for a secondary knob, nearest the configured value first, larger first on ties
     (fewer experts than configured changes a method more than more of them)."""
     start = getattr(base, knob)
     return sorted(KNOB_RANGE[:256], key=lambda v: (abs(v - start), -v))
 
 
-def _try(method: Method, base: Any, values: dict[str, int]) -> Any | None:
+def _try(base: Any, values: dict[str, int]) -> Any | None:
     try:
         return dataclasses.replace(base, **values)
     except ConfigError:
@@ -142,7 +142,7 @@ def solve(
     for combo in _secondary_settings(method, base, secondary):
         within: tuple[float, Any] | None = None
         for v in KNOB_RANGE:
-            config = _try(method, base, {**combo, primary: v})
+            config = _try(base, {**combo, primary: v})
             if config is None:
                 continue
             count = method.trainable_parameters(config, shapes)
@@ -174,7 +174,7 @@ def _secondary_settings(method: Method, base: Any, knobs: list[str]) -> list[dic
     if not knobs:
         return [{}]
     if len(knobs) == 1:
-        return [{knobs[0]: v} for v in _candidates(method, base, knobs[0])]
+        return [{knobs[0]: v} for v in _candidates(base, knobs[0])]
     raise ConfigError(f"{method.name}: the budget solver varies at most two knobs.")
 
 

@@ -216,6 +216,41 @@ class Method:
         return [f for f in dataclasses.fields(self.config_cls) if f.init]
 
 
+class LinearMethod(Method):
+    """A method that puts one layer on each targeted `nn.Linear` (`config.target_modules`).
+
+    Matching by module suffix, the typo check and the per-layer sum of the closed-form count
+    live here once; a subclass states only its layer (`make_layer`) and what one adapted linear
+    of a given shape trains (`linear_parameters`).
+    """
+
+    def make_layer(self, module: nn.Linear, config: Any, context: BatchContext) -> AdapterLayer:
+        raise NotImplementedError
+
+    def linear_parameters(self, config: Any, shape: LinearShape) -> int:
+        """Trainable parameters of one adapted linear of this shape."""
+        raise NotImplementedError
+
+    def adapt_module(
+        self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
+    ) -> nn.Module | None:
+        name = qualified_name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and name in config.target_modules:
+            return self.make_layer(module, config, context)
+        return None
+
+    def target_names(self, config: Any) -> tuple[str, ...]:
+        return tuple(config.target_modules)
+
+    def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
+        per_layer = sum(
+            self.linear_parameters(config, s)
+            for name, s in shapes.linears.items()
+            if name in config.target_modules
+        )
+        return shapes.num_layers * per_layer
+
+
 METHODS: Registry[Method] = Registry(
     "method", (), group="moebench.methods", builtin_package="moebench.methods"
 )

@@ -13,7 +13,7 @@ from torch import nn
 from moebench.errors import ConfigError
 from moebench.method import BatchContext, get_method
 from moebench.methods.lora import LoRALinear
-from moebench.methods.loracoe import JOINT, WARMUP, LoRACoEConfig, LoRACoELinear, literal_double_sum
+from moebench.methods.loracoe import JOINT, WARMUP, LoRACoEConfig, LoRACoELinear
 from moebench.models import load_model
 from moebench.train import StepLog, TrainConfig, TrainHooks, train
 from tests.conftest import adapt, synthetic_examples
@@ -26,6 +26,19 @@ def _layer(cfg: LoRACoEConfig, phase: str | None = None, seed: int = 0) -> LoRAC
         layer.lora_B.normal_()
         layer.router.normal_()
     return layer.eval()
+
+
+def literal_double_sum(layer: LoRACoELinear, x: torch.Tensor) -> torch.Tensor:
+    """The paper's formula term by term, for tests: (1/E) sum_i sum_j G_ij B_j A_j x."""
+    e, r = layer.num_experts, layer.rank
+    logits = x.float() @ layer.router.t()
+    total = torch.zeros(*x.shape[:-1], layer.lora_B.shape[0])
+    for i in range(e):
+        g_i = logits[..., i * r : (i + 1) * r].softmax(-1)
+        for j in range(r):
+            a_j, b_j = layer.lora_A[j], layer.lora_B[:, j]
+            total = total + g_i[..., j : j + 1] * (x.float() @ a_j)[..., None] * b_j
+    return layer.base(x) + layer.scaling * layer.gate_scale * total / e
 
 
 @pytest.mark.parametrize("experts", [1, 2, 3])

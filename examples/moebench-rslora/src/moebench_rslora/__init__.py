@@ -19,9 +19,14 @@ from typing import Any
 
 from torch import nn
 
-from moebench.components import ALL_LINEARS, suffix
+from moebench.components import ALL_LINEARS
 from moebench.config import check, doc
-from moebench.method import BatchContext, Method, ModelShapes
+from moebench.method import (
+    AdapterLayer,
+    BatchContext,
+    LinearMethod,
+    LinearShape,
+)
 from moebench.methods.lora import LoRALinear
 
 __all__ = ["METHOD", "RsLoRA", "RsLoRAConfig", "RsLoRALinear"]
@@ -58,28 +63,16 @@ class RsLoRALinear(LoRALinear):
         self.scaling = alpha / math.sqrt(rank)  # the paper's rank-stabilised gamma_r
 
 
-class RsLoRA(Method):
+class RsLoRA(LinearMethod):
     name = "rslora"
     help = "rsLoRA: LoRA scaled by alpha / sqrt(rank) (Kalajdzievski 2023)."
     config_cls = RsLoRAConfig
 
-    def adapt_module(
-        self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
-    ) -> nn.Module | None:
-        if isinstance(module, nn.Linear) and suffix(qualified_name) in config.target_modules:
-            return RsLoRALinear(module, config.rank, config.alpha, config.dropout)
-        return None
+    def make_layer(self, module: nn.Linear, config: Any, context: BatchContext) -> AdapterLayer:
+        return RsLoRALinear(module, config.rank, config.alpha, config.dropout)
 
-    def target_names(self, config: Any) -> tuple[str, ...]:
-        return config.target_modules
-
-    def trainable_parameters(self, config: Any, shapes: ModelShapes) -> int:
-        per_layer = sum(
-            config.rank * (s.d_in + s.d_out)
-            for name, s in shapes.linears.items()
-            if name in config.target_modules
-        )
-        return shapes.num_layers * per_layer
+    def linear_parameters(self, config: Any, shape: LinearShape) -> int:
+        return config.rank * (shape.d_in + shape.d_out)
 
 
 # The entry point `rslora = moebench_rslora:METHOD` registers this object under its name, which
