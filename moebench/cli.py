@@ -58,6 +58,11 @@ class ProgressObserver:
             f"{info['trainable']:,} trainable / {info['total']:,} parameters ({pct:.3f}%), "
             f"{info['rows']} training rows{resumed}\n  output: {info['output_dir']}"
         )
+        if info.get("mixture"):
+            drawn = ", ".join(f"{t} {n:,}" for t, n in info["mixture"]["drawn"].items())
+            self.progress.console.print(f"  training mixture: {drawn}")
+        if info.get("overlap"):
+            self.progress.console.print(overlap_lines(info["overlap"]))
 
     def step(self, s: Any) -> None:
         if self.train_bar is None:
@@ -76,11 +81,14 @@ class ProgressObserver:
         self.progress.advance(self.eval_bar, n)
 
     def task_done(self, result: Any) -> None:
-        acc = next(m for m in result.metrics if m["metric"] == "accuracy")
+        from moebench.task import get_task
+
+        head = get_task(result.task).headline_metric
+        acc = next(m for m in result.metrics if m["metric"] == head)
+        spread = f" ± {100 * acc['stderr']:.1f}" if acc["stderr"] is not None else ""
         self.progress.update(
             self.eval_bar,
-            description=f"eval {result.task}: {100 * acc['value']:.1f}% ± "
-            f"{100 * acc['stderr']:.1f} (n={acc['n']})",
+            description=f"eval {result.task}: {100 * acc['value']:.1f}%{spread} (n={acc['n']})",
         )
 
 
@@ -135,6 +143,13 @@ def run(
             "(`moebench budget` shows the solutions)."
         ),
     ] = None,
+    decontaminate: Annotated[
+        bool,
+        typer.Option(
+            "--decontaminate",
+            help="Drop training rows that overlap an eval set (the overlap is always reported).",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
 ) -> None:
     """Train a method on a suite and score it; `moebench run` alone runs the embedded default."""
@@ -163,6 +178,7 @@ def run(
                     ("--rerun", rerun),
                     ("--output-dir", output_dir),
                     ("--budget", budget),
+                    ("--decontaminate", decontaminate),
                 ]
                 if v
             ]
@@ -187,6 +203,7 @@ def run(
                     seed=seed,
                     max_steps=max_steps,
                     limit=limit,
+                    decontaminate=decontaminate,
                 )
                 spec = resolve(base=base, sets=parse_sets(set_ or []), options=options)
                 record = None
@@ -216,6 +233,24 @@ def run(
             )
             raise typer.Exit(130) from None
     _print_metrics(db, run_id)
+
+
+def overlap_lines(overlap: dict[str, Any]) -> str:
+    """The train/eval overlap report as a few lines: every set with overlap, or one 'none'."""
+    hit = {k: v for k, v in overlap["sets"].items() if v["either"]}
+    action = "dropped" if overlap.get("dropped") else "kept (--decontaminate drops them)"
+    if not hit:
+        return f"  train/eval overlap ({overlap['ngram']}-grams, questions): none"
+    head = (
+        f"  [yellow]train/eval overlap[/]: {overlap['flagged_training_rows']:,} training rows "
+        f"overlap an eval item, {action}"
+    )
+    rows = [
+        f"    {k}: {v['either']:,} of {v['n']:,} eval items (question match "
+        f"{v['question_matches']:,}, {overlap['ngram']}-gram {v['ngram_matches']:,})"
+        for k, v in hit.items()
+    ]
+    return "\n".join([head, *rows])
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -258,7 +293,7 @@ def _print_metrics(db: str | None, run_id: int) -> None:
     s = store.open_store(db)
     row = store.get_run(s, run_id)
     table = Table(title=f"run {run_id}: {row['method']} on {row['model']} ({row['status']})")
-    for col in ("task", "accuracy", "± stderr", "n", "parse fail", "protocol"):
+    for col in ("task", "metric", "value %", "± stderr", "n", "parse fail", "protocol"):
         table.add_column(col)
     metrics = store.get_metrics(s, run_id)
     fails = {
@@ -267,11 +302,12 @@ def _print_metrics(db: str | None, run_id: int) -> None:
         if m["metric"] == "parse_failure_rate"
     }
     for m in metrics:
-        if m["metric"] != "accuracy":
+        if m["metric"] == "parse_failure_rate":
             continue
         fail = fails.get((m["task"], m["protocol"]))
         table.add_row(
             m["task"],
+            m["metric"],
             f"{100 * m['value']:.2f}",
             f"{100 * m['stderr']:.2f}" if m["stderr"] is not None else "",
             str(m["n"]),
@@ -378,27 +414,46 @@ def models() -> None:
 
 
 @app.command()
-def tasks() -> None:
-    """List eval tasks and suites."""
-    from moebench.suites import SUITES
+def tasks(
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="LLM-Adapters-style folder to count rows in [env MOEBENCH_DATA]; without one, "
+            "sizes are shown for packaged data only."
+        ),
+    ] = None,
+) -> None:
+    """List eval tasks and suites, with their sizes where the data is at hand."""
+    from moebench.suites import SUITES, data_root, row_counts
     from moebench.task import TASKS
 
+    root = data_root(data_dir)
     table = Table(title="tasks")
-    for col in ("task", "family", "folder", "max new tokens", "scoring"):
+    for col in ("task", "family", "rows", "new tokens", "scoring", "source"):
         table.add_column(col)
     for name, t in TASKS:
-        table.add_row(name, t.family, t.folder, str(t.max_new_tokens), t.scoring_rule)
+        n = row_counts(t, root)
+        table.add_row(
+            name,
+            t.family,
+            f"{n:,}" if n is not None else "-",
+            str(t.max_new_tokens),
+            t.scoring_rule,
+            t.data_source,
+        )
     console.print(table)
-    suites = Table(title="suites")
-    for col in ("suite", "version", "train", "eval sets", "defaults it sets", "about"):
+    suites = Table(title="suites" + (f" (rows counted in {root})" if root else ""))
+    for col in ("suite", "version", "training data", "eval sets", "defaults it sets", "about"):
         suites.add_column(col)
     for s in SUITES.values():
         defaults = [f"train.{k}={v}" for k, v in s.train_defaults.items()]
         defaults += [f"eval.{k}={v}" for k, v in s.eval_defaults.items()]
+        train = [f.path + (f" (sample {f.sample:,})" if f.sample else "") for f in s.train]
+        train += [f"{h.task}: {h.train_fraction:.0%} of its test file" for h in s.held_out]
         suites.add_row(
             s.name,
             s.version,
-            ", ".join(f.path for f in s.train),
+            "\n".join(train),
             ", ".join(s.eval_tasks),
             ", ".join(defaults),
             s.help,
@@ -539,6 +594,65 @@ def _layer_table(title: str, values: dict[str, Any], fmt: Callable[[Any], str]) 
     console.print(table)
 
 
+@app.command("eval")
+def eval_run(
+    run_id: Annotated[int, typer.Argument(help="Stored run id whose adapter to score.")],
+    lm_eval_tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated lm-eval task names, e.g. boolq,gsm8k."),
+    ] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="Folder of extra lm-eval task YAMLs (local data).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Score at most N items per task.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="lm-eval batch size [default: the run's eval.batch_size].")
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="Few-shot examples [default: each task's own].")
+    ] = None,
+    db: DbOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
+) -> None:
+    """Score a stored run's adapter on lm-eval tasks; the scores are stored with the run."""
+    from moebench import store
+    from moebench.lmeval_bridge import evaluate_run, parse_task_names
+
+    _setup_logging(verbose)
+    # lm-eval warns about things that are expected here (an in-memory model, default
+    # aggregations); its errors still show.
+    logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
+    if lm_eval_tasks is None:
+        raise ConfigError("Give the tasks to score with --lm-eval-tasks, e.g. boolq,gsm8k.")
+    result = evaluate_run(
+        store.open_store(db),
+        run_id,
+        parse_task_names(lm_eval_tasks),
+        include_path=include_path,
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+    )
+    table = Table(title=f"run {run_id} on lm-eval tasks", title_justify="left")
+    for col in ("task", "metric", "value", "± stderr", "n", "protocol"):
+        table.add_column(col)
+    for m in result.metrics:
+        table.add_row(
+            m["task"],
+            m["metric"],
+            f"{m['value']:.4f}",
+            f"{m['stderr']:.4f}" if m["stderr"] is not None else "",
+            str(m["n"]),
+            m["protocol"],
+        )
+    console.print(table)
+    merged = ", adapter merged" if result.merged else ""
+    console.print(
+        f"stored {len(result.metrics)} metrics and {len(result.predictions)} per-item "
+        f"predictions with run {run_id}{merged}"
+    )
+
+
 @app.command()
 def export(
     db: DbOpt = None,
@@ -559,6 +673,155 @@ def export(
     )
     if out is None:
         sys.stdout.write(text)
+
+
+@app.command()
+def compare(
+    run_a: Annotated[int, typer.Argument(help="Baseline run id (A).")],
+    run_b: Annotated[int, typer.Argument(help="Run id compared against it (B).")],
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="Only this set (repeatable).")
+    ] = None,
+    flips: Annotated[
+        int, typer.Option(help="List up to N flipped item ids per set and direction.")
+    ] = 10,
+    resamples: Annotated[int, typer.Option(help="Paired bootstrap resamples.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    db: DbOpt = None,
+) -> None:
+    """Run B against run A item by item: B-A, its 95% interval, bootstrap and McNemar p."""
+    from moebench import store
+    from moebench.comparisons import compare_runs
+
+    if flips < 0:
+        raise ConfigError(f"--flips {flips} must be 0 or more (0: list no item ids).")
+    c = compare_runs(store.open_store(db), run_a, run_b, tasks=task, resamples=resamples, seed=seed)
+    for label, r in (("A", c.run_a), ("B", c.run_b)):
+        console.print(
+            f"[bold]{label}[/]: run {r['id']}, {r['method']} on {r['model']}, "
+            f"suite {r['suite']}, seed {r['seed']}"
+        )
+    table = Table(
+        title=f"B - A on the items both runs scored under one protocol; 95% interval from "
+        f"{resamples:,} paired bootstrap resamples (seed {seed})",
+        title_justify="left",
+    )
+    for col in ("set", "n", "A %", "B %", "B-A pts", "95% CI", "p boot", "p McNemar"):
+        table.add_column(col)
+    for col in ("A only", "B only", "verdict", "protocol"):
+        table.add_column(col)
+    for s in c.sets:
+        table.add_row(s.task, *_paired_cells(s.result, per_item=True), s.protocol)
+    for a in c.averages:
+        table.add_row(
+            f"{a.name} ({len(a.sets)} sets)",
+            *_paired_cells(a.result, per_item=False),
+            f"mean of {', '.join(a.sets)}",
+        )
+    console.print(table)
+    console.print(
+        "[dim]verdict: better where the 95% interval excludes 0; p boot: paired bootstrap, "
+        "null-shifted; p McNemar: exact, on the items only one run got right[/]"
+    )
+    multi = {s.task for s in c.sets if sum(t.task == s.task for t in c.sets) > 1}
+    for s in c.sets:
+        name = f"{s.task} ({s.protocol})" if s.task in multi else s.task
+        if s.mismatched:
+            console.print(
+                f"{name}: {s.mismatched} item ids stored by both runs hold different prompts "
+                "or golds and were not paired"
+            )
+        for who, ids in (("A right, B wrong", s.a_only_ids), ("A wrong, B right", s.b_only_ids)):
+            if flips and ids:
+                more = f" (+{len(ids) - flips} more)" if len(ids) > flips else ""
+                shown = escape(", ".join(ids[:flips]))
+                console.print(f"{name}, {who} ({len(ids)}): {shown}{more}")
+    for name, reason in c.skipped:
+        console.print(f"not compared: {name}: {escape(reason)}")
+    for note in c.notes:
+        console.print(f"[dim]{escape(note)}[/]")
+
+
+def _paired_cells(r: Any, *, per_item: bool) -> list[str]:
+    """Table cells from n to verdict for one `moebench.stats.PairedResult`."""
+    from moebench.stats import binomial_stderr
+
+    def acc(p: float) -> str:
+        # A mean over sets is not one binomial proportion: no ± for it.
+        return (
+            f"{100 * p:.2f} ± {100 * binomial_stderr(p, r.n):.2f}" if per_item else f"{100 * p:.2f}"
+        )
+
+    verdict = "B better" if r.low > 0 else "A better" if r.high < 0 else "no clear difference"
+    return [
+        str(r.n),
+        acc(r.acc_a),
+        acc(r.acc_b),
+        f"{100 * r.diff:+.2f}",
+        f"[{100 * r.low:+.2f}, {100 * r.high:+.2f}]",
+        # No resample as far from the observed difference as 0 is: B resamples resolve no lower.
+        f"<={1 / (r.samples.size + 1):.1e}"
+        if r.p_bootstrap <= 1 / (r.samples.size + 1)
+        else _p_value(r.p_bootstrap),
+        _p_value(r.p_mcnemar) if r.p_mcnemar is not None else "",
+        str(r.a_only),
+        str(r.b_only),
+        verdict,
+    ]
+
+
+def _p_value(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+@runs_app.command("summary")
+def runs_summary(
+    method: Annotated[str | None, typer.Option(help="Only this method.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    suite: Annotated[str | None, typer.Option(help="Only this suite.")] = None,
+    min_seeds: Annotated[int, typer.Option(help="Show groups with at least N seeds.")] = 2,
+    db: DbOpt = None,
+) -> None:
+    """Finished runs that differ only in seed: per-set mean, std and 95% t interval."""
+    from moebench import store
+    from moebench.comparisons import seed_groups
+
+    s = store.open_store(db)
+    groups = seed_groups(s, method=method, model=model, suite=suite, min_seeds=min_seeds)
+    if not groups:
+        console.print(
+            f"No {min_seeds} or more finished runs in {store.db.display_url(s.url)} match the "
+            "filters and share a config apart from the seed."
+        )
+    for g in groups:
+        table = Table(
+            title=f"{g.method} on {g.model}, suite {g.suite}: runs "
+            f"{', '.join(map(str, g.runs))} (seeds {', '.join(map(str, g.seeds))})",
+            title_justify="left",
+        )
+        for col in ("set", "metric", "seeds", "mean %", "std pts", "95% interval (t)"):
+            table.add_column(col)
+        for col in ("one-run se", "values %", "protocol"):
+            table.add_column(col)
+        for row in g.sets:
+            m = row.summary
+            table.add_row(
+                row.task,
+                row.metric,
+                ", ".join(map(str, row.seeds)),
+                f"{100 * m.mean:.2f}",
+                f"{100 * m.std:.2f}" if m.std is not None else "",
+                f"[{100 * m.low:.2f}, {100 * m.high:.2f}]" if m.low is not None else "one seed",
+                f"{100 * row.binomial_se:.2f}" if row.binomial_se is not None else "",
+                ", ".join(f"{100 * v:.2f}" for v in row.values),
+                row.protocol,
+            )
+        console.print(table)
+        if g.repeats:
+            console.print(
+                f"[dim]runs {', '.join(map(str, g.repeats))} repeat a seed of this group; "
+                "only the newest run per seed is counted[/]"
+            )
 
 
 def main() -> None:

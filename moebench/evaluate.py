@@ -9,7 +9,6 @@ scores are only compared when they were made the same way.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,10 +17,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from moebench.config import check, doc
-from moebench.generation import continuation_logprobs, generate
+from moebench.generation import ENGINES, continuation_logprobs, generate
 from moebench.inject import Adapted
 from moebench.prompts import TEMPLATES, build_prompt
-from moebench.task import LOGLIK_PREFIX, Item, Task
+from moebench.task import LOGLIK_PREFIX, Item, Score, Task
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,11 @@ class EvalConfig:
     template: str | None = doc("prompt template id for eval (None: the training template)", None)
     tasks: tuple[str, ...] | None = doc("eval sets to score (None: the suite's)", None)
     merge: bool = doc("merge mergeable adapters into the base weights while scoring", True)
+    engine: Literal["auto", "moebench", "hf"] = doc(
+        "decoding engine: moebench's loop (prefill once per prompt, finished rows leave the "
+        "batch) or HF generate; auto picks moebench unless the model's generation config needs HF",
+        "auto",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -51,6 +55,8 @@ class EvalConfig:
             problems.append(f"limit={self.limit} must be >= 1")
         if self.template is not None and self.template not in TEMPLATES:
             problems.append(f"template='{self.template}' is not one of {', '.join(TEMPLATES)}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine='{self.engine}' is not one of {', '.join(ENGINES)}")
         check(problems, "eval")
 
 
@@ -61,23 +67,36 @@ class TaskResult:
     predictions: list[dict[str, Any]]
 
 
-def protocol(task: Task, cfg: EvalConfig, template: str) -> tuple[str, dict[str, Any]]:
-    """(short id, full description) of how a task's number is made."""
+def protocol(
+    task: Task, cfg: EvalConfig, template: str, split: str = "test"
+) -> tuple[str, dict[str, Any]]:
+    """(short id, full description) of how a task's number is made.
+
+    `split` is "test" for a whole test file; a suite that trains on part of a test file scores
+    the rest, and says so (e.g. "heldout50-s0"), in the id too: such a number is not comparable
+    with one on the full file.
+    """
     if task.labels is not None and cfg.mode == "loglik":
-        pid = f"llm-adapters-loglik/{template}"
+        pid = f"{task.protocol_name}-loglik/{template}"
         detail: dict[str, Any] = {"mode": "loglik", "context_suffix": LOGLIK_PREFIX}
     else:
         new = cfg.max_new_tokens or task.max_new_tokens
-        decoding = "greedy" if cfg.num_beams == 1 else f"beam{cfg.num_beams}"
-        pid = f"llm-adapters-gen/{template}/{decoding}/max{new}"
+        beams = task.fixed_num_beams or cfg.num_beams
+        decoding = "greedy" if beams == 1 else f"beam{beams}"
+        pid = f"{task.protocol_name}-gen/{template}/{decoding}/max{new}"
         detail = {
             "mode": "generate",
-            "num_beams": cfg.num_beams,
+            "num_beams": beams,
             "max_new_tokens": new,
             "stop_strings": list(task.stop_strings),
             "upstream_num_beams": task.num_beams_upstream,
+            "engine": cfg.engine,  # how, not what: both engines decode the same outputs
         }
-    detail.update(template=template, scoring_rule=task.scoring_rule, split="test")
+    detail.update(
+        template=template, scoring_rule=task.scoring_rule, split=split, source=task.data_source
+    )
+    if split != "test":
+        pid = f"{pid}/{split}"
     return pid, detail
 
 
@@ -90,10 +109,11 @@ def evaluate_task(
     template: str,
     amp: torch.dtype | None = None,
     on_batch: Callable[[int], None] = lambda n: None,
+    split: str = "test",
 ) -> TaskResult:
-    pid, detail = protocol(task, cfg, template)
+    pid, detail = protocol(task, cfg, template, split)
     prompts = [build_prompt(template, it.instruction, it.input) for it in items]
-    preds: list[dict[str, Any]] = []
+    preds: list[tuple[dict[str, Any], Score]] = []
     model = adapted.model
     if detail["mode"] == "loglik":
         labels = [task.candidate_labels(it) for it in items]
@@ -110,7 +130,7 @@ def evaluate_task(
             own = scores[k : k + len(ls)]
             k += len(ls)
             best = ls[max(range(len(ls)), key=own.__getitem__)]
-            preds.append(_prediction(it, p, best, best, best == it.answer, False, pid))
+            preds.append(_prediction(it, p, best, Score(best, best == it.answer, False), pid))
         on_batch(len(items))
     else:
         outputs = generate(
@@ -118,64 +138,57 @@ def evaluate_task(
             tokenizer,
             prompts,
             max_new_tokens=detail["max_new_tokens"],
-            num_beams=cfg.num_beams,
+            num_beams=detail["num_beams"],
             batch_size=cfg.batch_size,
             stop_strings=task.stop_strings,
             amp=amp,
             on_batch=on_batch,
+            engine=cfg.engine,
         )
         for it, p, out in zip(items, prompts, outputs, strict=True):
-            s = task.score(p, out, it.answer)
-            preds.append(_prediction(it, p, out, s.extracted, s.correct, s.parse_failed, pid))
-    n = len(preds)
-    acc = sum(p["correct"] for p in preds) / n
-    failures = sum(p["parse_failed"] for p in preds)
-    detail.update(n=n, parse_failures=failures)
+            preds.append(_prediction(it, p, out, task.score_item(p, out, it), pid))
+    verdicts = [v for _, v in preds]
+    detail.update(n=len(preds), parse_failures=sum(v.parse_failed for v in verdicts))
     metrics = [
         {
             "task": task.name,
-            "metric": "accuracy",
-            "value": acc,
-            "n": n,
-            "stderr": math.sqrt(acc * (1 - acc) / n),
+            "metric": m.metric,
+            "value": m.value,
+            "n": m.n,
+            "stderr": m.stderr,
             "protocol": pid,
             "protocol_detail": detail,
-        },
-        {
-            "task": task.name,
-            "metric": "parse_failure_rate",
-            "value": failures / n,
-            "n": n,
-            "stderr": None,
-            "protocol": pid,
-            "protocol_detail": detail,
-        },
+        }
+        for m in task.aggregate(verdicts)
     ]
-    return TaskResult(task.name, metrics, preds)
+    return TaskResult(task.name, metrics, [row for row, _ in preds])
 
 
 def _prediction(
-    it: Item, prompt: str, output: str, extracted: str | None, correct: bool, failed: bool, pid: str
-) -> dict[str, Any]:
-    return {
+    it: Item, prompt: str, output: str, verdict: Score, pid: str
+) -> tuple[dict[str, Any], Score]:
+    row = {
         "task": it.task,
         "item_id": it.item_id,
         "prompt_hash": hashlib.sha256(prompt.encode()).hexdigest(),
         "output": output,
-        "extracted": extracted,
+        "extracted": verdict.extracted,
         "gold": it.answer,
-        "correct": bool(correct),
-        "parse_failed": bool(failed),
+        "correct": bool(verdict.correct),
+        "parse_failed": bool(verdict.parse_failed),
         "protocol": pid,
+        "detail": verdict.detail,
     }
+    return row, verdict
 
 
 def group_average(results: list[TaskResult], tasks: dict[str, Task]) -> list[dict[str, Any]]:
     """Unweighted mean accuracy per family, as the papers report it (not pooled over items)."""
     by_family: dict[str, list[float]] = {}
     for r in results:
-        acc = next(m for m in r.metrics if m["metric"] == "accuracy")
-        by_family.setdefault(tasks[r.task].family, []).append(acc["value"])
+        task = tasks[r.task]
+        head = next(m for m in r.metrics if m["metric"] == task.headline_metric)
+        by_family.setdefault(task.family, []).append(head["value"])
     rows = []
     for family, accs in sorted(by_family.items()):
         rows.append(
@@ -186,7 +199,7 @@ def group_average(results: list[TaskResult], tasks: dict[str, Task]) -> list[dic
                 "n": len(accs),
                 "stderr": None,
                 "protocol": "unweighted-mean-over-sets",
-                "protocol_detail": {"sets": len(accs)},
+                "protocol_detail": {"sets": len(accs), "of": "each set's headline metric"},
             }
         )
     return rows

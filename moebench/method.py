@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from moebench.registry import Registry
-from moebench.task import TASKS
+from moebench.task import FAMILY_KNOWLEDGE, TASKS
 
 
 @dataclass
@@ -207,10 +207,13 @@ class Method:
         """Per-sample task type a method's layers read from `BatchContext.task_labels`.
 
         Default: the task's declared knowledge flag (commonsense 1, math 0), -1 when unknown.
+        A family name labels rows of a whole-family file (commonsense_170k carries no set name).
         """
         if task is None:
             return -1
-        return TASKS.get(task).knowledge if task in TASKS else -1
+        if task in TASKS:
+            return TASKS.get(task).knowledge
+        return FAMILY_KNOWLEDGE.get(task, -1)
 
     def config_fields(self) -> list[dataclasses.Field[Any]]:
         return [f for f in dataclasses.fields(self.config_cls) if f.init]

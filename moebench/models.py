@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from moebench.errors import ModelError
+from moebench.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,6 @@ ALIASES: dict[str, ModelSpec] = {
 }
 
 OFFLINE_ALTERNATIVES = "smollm2-135m, tiny-llama, tiny-qwen2, or a local model folder"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MOEBENCH_CACHE") or Path.home() / ".cache" / "moebench"
-    return Path(root)
 
 
 def describe(name: str) -> str:

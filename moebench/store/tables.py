@@ -167,6 +167,8 @@ class Prediction(Base):
     correct: Mapped[bool] = mapped_column(Boolean)
     parse_failed: Mapped[bool] = mapped_column(Boolean)
     protocol: Mapped[str] = mapped_column(String(64))
+    # Per-item verdicts below the item (IFEval: one per instruction, strict and loose).
+    detail: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
 
 
 class TrainingStep(Base):
