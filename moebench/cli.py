@@ -237,14 +237,20 @@ def run(
 
 def overlap_lines(overlap: dict[str, Any]) -> str:
     """The train/eval overlap report as a few lines: every set with overlap, or one 'none'."""
-    hit = {k: v for k, v in overlap["sets"].items() if v["either"]}
-    action = "dropped" if overlap.get("dropped") else "kept (--decontaminate drops them)"
+    sets = overlap.get("before_dropping") or overlap["sets"]
+    hit = {k: v for k, v in sets.items() if v["either"]}
     if not hit:
         return f"  train/eval overlap ({overlap['ngram']}-grams, questions): none"
-    head = (
-        f"  [yellow]train/eval overlap[/]: {overlap['flagged_training_rows']:,} training rows "
-        f"overlap an eval item, {action}"
-    )
+    if overlap.get("dropped"):
+        head = (
+            f"  train/eval overlap: {overlap['dropped']:,} training rows overlapped an eval item "
+            "and were dropped (--decontaminate); before dropping:"
+        )
+    else:
+        head = (
+            f"  [yellow]train/eval overlap[/]: {overlap['flagged_training_rows']:,} training rows "
+            "overlap an eval item, kept (--decontaminate drops them)"
+        )
     rows = [
         f"    {k}: {v['either']:,} of {v['n']:,} eval items (question match "
         f"{v['question_matches']:,}, {overlap['ngram']}-gram {v['ngram_matches']:,})"

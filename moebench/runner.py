@@ -8,7 +8,6 @@ stored. A job runner (sweeps, Ray) attaches here: `execute` is one resumable job
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -175,18 +174,19 @@ def prepare_data(spec: RunSpec, suite: ResolvedSuite) -> PreparedData:
     full = suite.eval_items(None)
     eval_sets = {k: items for k, (_, items) in full.items()}
     pool_report = check_overlap(rows, eval_sets, spec.data.ngram)
+    pool = rows
     if spec.data.decontaminate:
         keep = [i for i in range(len(rows)) if i not in pool_report.flagged_rows]
         rows, origin = [rows[i] for i in keep], [origin[i] for i in keep]
     samples = {f.path: f.sample for _, f in suite.train_files}
     drawn, mixture = build_mixture(rows, origin, samples, spec.data)
-    report = check_overlap(drawn, eval_sets, spec.data.ngram) if drawn != rows else pool_report
+    # The stored report is about the rows the run trains on; after --decontaminate that is
+    # none, and what was dropped is kept beside it.
+    report = pool_report if drawn == pool else check_overlap(drawn, eval_sets, spec.data.ngram)
+    overlap: dict[str, Any] = {**report.as_dict(), "dropped": 0}
     if spec.data.decontaminate:
-        report = dataclasses.replace(report, flagged_rows=set())
-    overlap = {
-        **report.as_dict(),
-        "dropped": len(pool_report.flagged_rows) if spec.data.decontaminate else 0,
-    }
+        overlap["dropped"] = len(pool_report.flagged_rows)
+        overlap["before_dropping"] = pool_report.as_dict()["sets"]
     mixture["held_out_rows_without_a_correct_output"] = unusable
     mixture["rows_sha256"] = rows_digest(drawn)
     mixture["eval_splits"] = {k: suite.split_label(k) for k in full}

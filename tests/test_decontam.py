@@ -51,8 +51,13 @@ def test_decontaminate_drops_exactly_the_flagged_rows() -> None:
         resolve_suite(get_suite("la-mawps"), str(shared)),
     )
     flagged = kept.overlap["flagged_training_rows"]
-    assert flagged > 327 and clean.overlap["dropped"]
+    assert flagged > 327 and clean.overlap["dropped"] == flagged and not kept.overlap["dropped"]
     assert len(clean.train_rows) == len(kept.train_rows) - flagged
+    # the stored report is about the rows trained on (none overlap now); what was dropped is
+    # kept beside it
+    assert clean.overlap["flagged_training_rows"] == 0
+    assert all(v["either"] == 0 for v in clean.overlap["sets"].values())
+    assert clean.overlap["before_dropping"] == kept.overlap["sets"]
     # nothing left in the clean mixture repeats an AddSub question
     addsub = {question_key(it.instruction) for it in clean.evals["addsub"][1]}
     assert not any(question_key(r.instruction) in addsub for r in clean.train_rows)
