@@ -214,7 +214,14 @@ def _known(manager: TaskManager, name: str) -> bool:
 
 
 def load_tasks(manager: TaskManager, names: Sequence[str], include_path: Path | None) -> list[Any]:
-    """Build each task (which reads its dataset) one at a time, so a failure names its task."""
+    """Build each task (which reads its dataset) one at a time, so a failure names its task.
+
+    `datasets` draws a progress bar per split it builds; on a terminal they would bury the one
+    sentence a failing task ends with, so they are off here (moebench shows its own progress).
+    """
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
     built: list[Any] = []
     for name in names:
         try:
