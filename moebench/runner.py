@@ -29,7 +29,7 @@ from moebench.config import build, to_dict
 from moebench.data import Example, Row, tokenize_row
 from moebench.decontam import check_overlap
 from moebench.errors import ConfigError, MoebenchError
-from moebench.evaluate import TaskResult, evaluate_task, group_average
+from moebench.evaluate import TaskResult, evaluate_task, group_average, protocol
 from moebench.inject import Adapted, inject
 from moebench.method import Method, ModelShapes, PrepareContext, get_method
 from moebench.mixture import build_mixture
@@ -573,8 +573,17 @@ def score_all(
         adapted.merge()
     tokenizer.padding_side = "left"
     results = []
+    # A resumed run keeps the sets it already scored under the same protocol: a job that was
+    # interrupted in evaluation picks up at the first set it had not finished.
+    stored = db.get_metrics(store, run_id)
     try:
         for name, (task, items) in evals.items():
+            pid, _ = protocol(task, spec.eval, template, splits.get(name, "test"))
+            earlier = [m for m in stored if m["task"] == name and m["protocol"] == pid]
+            if earlier:
+                log.info("%s already scored under %s; kept", name, pid)
+                results.append(TaskResult(name, earlier, []))
+                continue
             observer.eval_started(name, len(items))
             r = evaluate_task(
                 adapted,

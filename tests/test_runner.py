@@ -10,7 +10,7 @@ import torch
 from moebench import store
 from moebench.errors import TrainingDiverged
 from moebench.models import load_model
-from moebench.runner import RunEnv, execute
+from moebench.runner import RunEnv, execute, resume
 from moebench.runspec import resolve
 
 
@@ -58,6 +58,23 @@ def test_scores_of_finished_sets_survive_a_failure_later_in_evaluation(tmp_path:
     assert {m["task"] for m in store.get_metrics(s, run["id"])} == {"boolq"}
     assert len(store.get_predictions(s, run["id"])) == 2
     assert [r["step"] for r in store.get_training_log(s, run["id"])] == [1, 2]
+    boolq = store.get_predictions(s, run["id"], task="boolq")
+
+    # Resuming picks up at the first unfinished set: boolq is kept, not scored again.
+    started = []
+
+    class Record(StopAfterFirstSet):
+        def eval_started(self, task, n):  # type: ignore[no-untyped-def]
+            started.append(task)
+
+        def task_done(self, result): ...  # type: ignore[no-untyped-def]
+
+    resume(run["id"], RunEnv(db=db), Record())
+    assert started == ["piqa"]
+    assert store.get_run(s, run["id"])["status"] == "done"
+    assert store.get_predictions(s, run["id"], task="boolq") == boolq
+    avg = next(m for m in store.get_metrics(s, run["id"]) if m["task"] == "commonsense_avg")
+    assert avg["n"] == 2
 
 
 def test_loglik_mode_scores_commonsense_by_label_and_math_by_generation(tmp_path: Path) -> None:
