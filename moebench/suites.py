@@ -202,6 +202,16 @@ _ORCA = TrainFile(
 )
 _AUTOIF = TrainFile("autoif.json", "instruction")
 
+# The 4 commonsense sets whose training files ship with LLM-Adapters.
+_LA_TRAIN = tuple(
+    TrainFile(f"{folder}/train.json", task, f"dataset/{folder}/train.json")
+    for folder, task in [
+        ("boolq", "boolq"),
+        ("ARC-Challenge", "arc_challenge"),
+        ("ARC-Easy", "arc_easy"),
+        ("openbookqa", "openbookqa"),
+    ]
+)
 _LA_SPLIT = ("piqa", "social_i_qa", "winogrande", "gsm8k", "svamp", "addsub", "multiarith")
 _LA_SPLIT += ("singleeq", "aqua", "mawps")
 
@@ -227,15 +237,7 @@ SUITES: dict[str, Suite] = {
                 "winogrande, the math sets, AQuA, mawps; training keeps only rows whose output "
                 "reaches the gold); eval on every test set, split sets on their other half"
             ),
-            train=tuple(
-                TrainFile(f"{folder}/train.json", task, f"dataset/{folder}/train.json")
-                for folder, task in [
-                    ("boolq", "boolq"),
-                    ("ARC-Challenge", "arc_challenge"),
-                    ("ARC-Easy", "arc_easy"),
-                    ("openbookqa", "openbookqa"),
-                ]
-            ),
+            train=_LA_TRAIN,
             held_out=tuple(HeldOut(t) for t in _LA_SPLIT),
             eval_tasks=tuple(t for t in COMMONSENSE8 if t != "hellaswag")
             + MATH5
@@ -301,15 +303,7 @@ SUITES: dict[str, Suite] = {
             name="la-commonsense4",
             version="1",
             help="the 4 commonsense sets whose train files ship with LLM-Adapters (local folder)",
-            train=tuple(
-                TrainFile(f"{folder}/train.json", task, f"dataset/{folder}/train.json")
-                for folder, task in [
-                    ("boolq", "boolq"),
-                    ("ARC-Challenge", "arc_challenge"),
-                    ("ARC-Easy", "arc_easy"),
-                    ("openbookqa", "openbookqa"),
-                ]
-            ),
+            train=_LA_TRAIN,
             eval_tasks=("boolq", "arc_challenge", "arc_easy", "openbookqa"),
         ),
     ]
