@@ -36,6 +36,12 @@ Why it is built this way:
   model's bytes back, which is what an accelerator's peak holds and what the papers report; the
   memory goals are checked on it. (An absolute RSS would also count a few hundred MiB of
   libraries, so on CPU the ratio is built from the growth.)
+* The FLOP ratio: one more step per run, after the measurements, under
+  `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward and backward). It
+  is the arithmetic any implementation of the method must do, so `time ratio / FLOP ratio` is
+  what an implementation adds on top. For LoRACoE the router's extra E r columns are a fixed
+  cost against each linear's width: at hidden 512 they alone are ~4.4% of the step, at
+  Qwen2-0.5B's widths (`--shape cpu-qwen2-width`: its layers, 4 of them, vocab 8192) ~2.8%.
 * Noise: a busy CPU makes step times swing by several times; `--threads 1` is far steadier on a
   shared machine, at the cost of ratios for a single-threaded run.
 """
@@ -63,7 +69,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
 
 from moebench.data import IGNORE_INDEX, Example, collate
 from moebench.inject import Adapted, inject
@@ -152,6 +159,18 @@ def model_shape(shape: str, seq: int) -> PretrainedConfig:
             vocab_size=8192,
             max_position_embeddings=max(2048, seq),
             tie_word_embeddings=False,
+            pad_token_id=0,
+        )
+    if shape == "cpu-qwen2-width":  # Qwen2-0.5B's layers (GQA 14/2, d_ff 4864), 4 of them
+        return Qwen2Config(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=4,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=8192,
+            max_position_embeddings=max(2048, seq),
+            tie_word_embeddings=True,
             pad_token_id=0,
         )
     return model_config(shape)
@@ -286,6 +305,8 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = peak_memory(device)
+    with FlopCounterMode(display=False) as flops:  # after the timed steps: counting is slow
+        train_step(adapted, batch, optimizer, trainable, amp, n_tokens)
     return {
         "label": job["label"],
         "repeat": job["repeat"],
@@ -295,6 +316,7 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
         "added_bytes": peak - before,
         "weight_bytes": weight_bytes,
         "trainable": sum(p.numel() for p in trainable),
+        "step_flops": flops.get_total_flops(),
         "closed_form": closed_form,
         "phase": phase.name,
         "note": note,
@@ -369,23 +391,24 @@ def table(results: list[Result]) -> str:
     base = results[0].memory
     assert base is not None
     lines = [
-        "| method | config | trainable params | step ms (median) | time ratio | peak MiB "
-        "| added MiB | mem ratio (added) | mem ratio (+weights) | goal | met? |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+        "| method | config | trainable params | step ms (median) | time ratio | FLOP ratio "
+        "| peak MiB | added MiB | mem ratio (added) | mem ratio (+weights) | goal | met? |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
     for r in results:
         v, mem = r.variant, r.memory
         if r.error is not None or mem is None or not r.runs:
-            lines.append(f"| {v.label} | {v.summary} | failed: {r.error} |" + " |" * 8)
+            lines.append(f"| {v.label} | {v.summary} | failed: {r.error} |" + " |" * 9)
             continue
         t = r.step_ms / results[0].step_ms
+        f = r.runs[0]["step_flops"] / results[0].runs[0]["step_flops"]
         added = mem["added_bytes"] / base["added_bytes"]
         m = with_weights(mem) / with_weights(base)
         config = v.summary + (f"; {r.runs[0]['note']}" if r.runs[0]["note"] else "")
         lines.append(
             f"| {v.label} | {config} | {r.runs[0]['trainable']:,} | {r.step_ms:.1f} | {t:.3f} "
-            f"| {mem['peak_bytes'] / MIB:.0f} | {mem['added_bytes'] / MIB:.0f} | {added:.3f} "
-            f"| {m:.3f} | {goal_text(v)} | {met(v, t, m)} |"
+            f"| {f:.3f} | {mem['peak_bytes'] / MIB:.0f} | {mem['added_bytes'] / MIB:.0f} "
+            f"| {added:.3f} | {m:.3f} | {goal_text(v)} | {met(v, t, m)} |"
         )
     return "\n".join(lines)
 
@@ -444,7 +467,9 @@ def report(results: list[Result], a: argparse.Namespace, job: dict[str, Any], co
         f"Model: {job['shape']} (random init, {'bf16 base, bf16 autocast' if cuda else 'fp32'}), "
         f"batch {job['batch']} x {job['seq']} tokens as one micro-batch; {a.warmup} warm-up + "
         f"{a.steps} timed steps per run, {a.repeats} interleaved rounds.",
-        f"Time ratio: median step time / LoRA's. Peak: {peak}. Added: peak minus memory before "
+        f"Time ratio: median step time / LoRA's. FLOP ratio: the step's matmul and attention "
+        "FLOPs (forward and backward, `torch.utils.flop_counter`) / LoRA's, the floor any "
+        f"implementation of the method pays. Peak: {peak}. Added: peak minus memory before "
         "injection. Mem ratio (added): added / LoRA's; (+weights): (added + frozen model "
         "bytes) / LoRA's, the quantity a GPU's peak holds; memory goals use it.",
     ]
@@ -467,8 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--shape",
         default=None,
-        help="'cpu' (Llama: hidden 512, 4 layers, vocab 8192) or a model alias such as "
-        "qwen2-0.5b (random init); default: qwen2-0.5b on cuda, cpu otherwise",
+        help="'cpu' (Llama: hidden 512, 4 layers, vocab 8192), 'cpu-qwen2-width' (Qwen2-0.5B's "
+        "layer shapes, 4 layers, vocab 8192) or a model alias such as qwen2-0.5b (random "
+        "init); default: qwen2-0.5b on cuda, cpu otherwise",
     )
     p.add_argument("--batch", type=int, default=None, help="rows (default: 16 cuda, 4 cpu)")
     p.add_argument("--seq", type=int, default=256, help="tokens per row")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moebench.components import ALL_LINEARS, init_lora_factors, make_dropout
+from moebench.components import ALL_LINEARS, add_low_rank, init_lora_factors, make_dropout
 from moebench.config import check, doc
 from moebench.method import (
     METHODS,
@@ -62,8 +62,8 @@ class LoRALinear(AdapterLayer):
         out = self.base(x)
         if self.merged:
             return out
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # [.., r]
-        return out + (h @ self.lora_B.t()).to(out.dtype) * self.scaling
+        h = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling  # [.., r]
+        return add_low_rank(out, h, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

@@ -8,9 +8,12 @@ the experts' mean gate to the rank components:
 
 The right-hand form is what runs (a test checks it against the literal double sum). By default
 the router rows are stacked under A and x meets `[A; W_1; ...; W_E]` in ONE matmul (the paper's
-appendix C), then the result is split. That matmul has one input, so with dropout > 0 the router
-routes on the dropped x, as the paper's fused kernel must; `fused=false` keeps the two-matmul
-path, router on the raw x as the formula says. With dropout 0 the two are equal (a test).
+appendix C), then the result is split. The fused path is one autograd Function with a
+hand-written backward (`_FusedCoE`) that keeps only the matmul's [T, r(1+E)] output for backward,
+which is what brings its memory within a few percent of LoRA's. That matmul has one input, so
+with dropout > 0 the router routes on the dropped x, as the paper's fused kernel must;
+`fused=false` keeps the two-matmul autograd path, router on the raw x as the formula says. With
+dropout 0 the two are equal, forward and gradients (tests, plus gradcheck in float64).
 
 Training has two phases (paper §3.3 and appendix A): a LoRA warm-up in which the layer is plain
 LoRA (`h = W0 x + s B A x`) and the router neither trains nor decays, then joint training of
@@ -33,6 +36,7 @@ from torch import nn
 from moebench.components import (
     ALL_LINEARS,
     RouterStats,
+    add_low_rank,
     fp32_matmul,
     init_lora_factors,
     init_router,
@@ -129,33 +133,45 @@ class LoRACoELinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if not self.gated():
-            h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
-        elif self.fused:
-            # One fp32 matmul for A and the router together (routers stay out of bf16).
-            both = fp32_matmul(self.dropout(x), torch.cat([self.lora_A, self.router]))
-            h, logits = both.split([self.rank, self.rank * self.num_experts], dim=-1)
-            h = h * self._mean_gate(logits, x)
+        if self.gated() and self.fused:
+            h = self._fused_gated(x)  # [T, r], gates and scale applied
         else:
             h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
-            h = h * self._mean_gate(fp32_matmul(x, self.router), x)
-        delta = (h @ self.lora_B.t()) * self.scaling
+            if self.gated():
+                h = h * self._mean_gate(fp32_matmul(x, self.router), x)
+            h = h * self.scaling
         if self.training and self.context.record_stats:
-            self._record_norm(delta, x)
-        return out + delta.to(out.dtype)
+            self._record_norm(h, x)  # on logged steps only: it costs a matmul
+        return add_low_rank(out, h, self.lora_B)
+
+    def _fused_gated(self, x: torch.Tensor) -> torch.Tensor:
+        gated, gates = _FusedCoE.apply(
+            self.dropout(x),
+            self.lora_A,
+            self.router,
+            self.num_experts,
+            self.scaling * self.gate_scale,
+        )
+        if self.training and self.context.record_stats:
+            self._record_gates(gates, x)
+        return gated
 
     def _mean_gate(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """gbar = mean over experts of softmax over ranks, in fp32."""
         g = logits.float().unflatten(-1, (self.num_experts, self.rank)).softmax(-1)
-        gbar = g.mean(-2)
         if self.training and self.context.record_stats:
-            mask = token_mask(self.context.attention_mask, x)
-            self.router_stats.record(gbar.reshape(-1, self.rank), mask, entropy_of=g)
-        return gbar * self.gate_scale
+            self._record_gates(g, x)
+        return g.mean(-2) * self.gate_scale
+
+    def _record_gates(self, g: torch.Tensor, x: torch.Tensor) -> None:
+        """g [..., E, r]: each expert's softmax over the ranks."""
+        mask = token_mask(self.context.attention_mask, x)
+        self.router_stats.record(g.mean(-2).reshape(-1, self.rank), mask, entropy_of=g)
 
     @torch.no_grad()
-    def _record_norm(self, delta: torch.Tensor, x: torch.Tensor) -> None:
-        norms = delta.float().norm(dim=-1).reshape(-1)
+    def _record_norm(self, h: torch.Tensor, x: torch.Tensor) -> None:
+        """Accumulates the adapter output's L2 norm per real token; h is B's [.., r] input."""
+        norms = (h.float() @ self.lora_B.float().t()).norm(dim=-1).reshape(-1)
         mask = token_mask(self.context.attention_mask, x)
         w = torch.ones_like(norms) if mask is None else mask.float()
         total, count = (norms * w).sum(), w.sum()  # no boolean indexing: no device sync
@@ -171,6 +187,71 @@ class LoRACoELinear(AdapterLayer):
                 out["out_norm"] = float(self._norm_sum) / tokens
         self._norm_sum = self._norm_tokens = None
         return out
+
+
+class _FusedCoE(torch.autograd.Function):
+    """The gated rank activations `k * gbar(x) * (A x)` [T, r] (k = alpha/r * gate_scale) as one op.
+
+    Why a hand-written backward: autograd over the same lines keeps every intermediate ([T, r]
+    A x, [T, E, r] gates, [T, r] mean gate) alive until backward and walks a dozen small kernels
+    each way. This keeps only x (which the frozen linear holds anyway) and the [T, r(1+E)] output
+    of the one matmul with [A; W_route], and recomputes the softmax from it in backward (a few
+    hundred flops per token against the matmuls' thousands). It computes in fp32 (or the factors'
+    wider dtype, so gradcheck can run it in float64) whatever x's dtype: routers stay out of bf16.
+    The second output, the gates [T, E, r], feeds router statistics and carries no gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        lora_A: torch.Tensor,
+        router: torch.Tensor,
+        num_experts: int,
+        k: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r = lora_A.shape[0]
+        dtype = torch.promote_types(lora_A.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            w = torch.cat([lora_A, router]).to(dtype)  # [r(1+E), d_in]
+            both = x.reshape(-1, x.shape[-1]).to(dtype) @ w.t()
+            h, gates, gbar = _split_gates(both, r, num_experts)
+            gated = h * gbar * k
+        ctx.save_for_backward(x, w, both)
+        ctx.num_experts, ctx.k = num_experts, k
+        ctx.mark_non_differentiable(gates)
+        return gated, gates
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_gated: torch.Tensor, _grad_gates: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, w, both = ctx.saved_tensors
+        e, k = ctx.num_experts, ctx.k
+        r = w.shape[0] // (1 + e)
+        need_x, need_a, need_router = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_router = None
+        with torch.autocast(x.device.type, enabled=False):
+            h, gates, gbar = _split_gates(both, r, e)
+            grad = grad_gated.to(w.dtype) * k  # d loss / d (h * gbar)
+            grad_g = (grad * h / e).unsqueeze(-2)  # each expert's share of d gbar
+            grad_logits = gates * (grad_g - (gates * grad_g).sum(-1, keepdim=True))
+            grad_both = torch.cat([grad * gbar, grad_logits.flatten(-2)], dim=-1)
+            if need_a or need_router:
+                grad_w = grad_both.t() @ x.reshape(-1, x.shape[-1]).to(w.dtype)
+                grad_a, grad_router = grad_w[:r], grad_w[r:]
+            if need_x:
+                grad_x = (grad_both @ w).to(x.dtype).view(x.shape)
+        return grad_x, grad_a, grad_router, None, None
+
+
+def _split_gates(
+    both: torch.Tensor, r: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, r(1+E)] -> A x [T, r], gates [T, E, r] (softmax over ranks), mean gate [T, r]."""
+    h, logits = both.split([r, r * num_experts], dim=-1)
+    gates = logits.unflatten(-1, (num_experts, r)).softmax(-1)
+    return h, gates, gates.mean(-2)
 
 
 class LoRACoE(LinearMethod):

@@ -23,6 +23,7 @@ depends on the input.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from moebench.components import (
     RouterStats,
+    add_low_rank,
     fp32_matmul,
     init_lora_factors,
     init_router,
@@ -119,25 +121,25 @@ def router_probs(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.softmax(fp32_matmul(x, weight), dim=-1)
 
 
-def _gated_low_rank(
-    x: torch.Tensor,
-    gates: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
+def _gated_ranks(
+    x: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """`scaling * B (repeat_interleave(gates, r_e) * (A x))`: N gated rank groups in two matmuls.
+    """`scaling * repeat_interleave(gates, r_e) * (A x)` [.., N r_e]: B's input, so that the N
+    gated rank groups cost two matmuls in all (B's is `add_low_rank`).
 
     The gate is broadcast over each group's ranks instead of materialising the repeat, and the
     scale rides on the [.., N r_e] tensor rather than the [.., d_out] one.
     """
     h = x.to(lora_A.dtype) @ lora_A.t()  # [.., N r_e]
     n = gates.shape[-1]
-    h = (h.unflatten(-1, (n, -1)) * (gates * scaling).unsqueeze(-1)).flatten(-2)
-    return h @ lora_B.t()
+    return (h.unflatten(-1, (n, -1)) * (gates * scaling).unsqueeze(-1)).flatten(-2)
 
 
-_labelled_cache: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor] | None] | None = None
+# (weak reference to the labels tensor, its version, the answer); weak, so the cache never keeps
+# a batch's tensor (or its device memory) alive after the loop has dropped it.
+_labelled_cache: (
+    tuple[weakref.ref[torch.Tensor], int, tuple[torch.Tensor, torch.Tensor] | None] | None
+) = None
 
 
 def _labelled_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -149,11 +151,11 @@ def _labelled_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
     """
     global _labelled_cache
     cached = _labelled_cache
-    if cached is not None and cached[0] is labels and cached[1] == labels._version:
+    if cached is not None and cached[0]() is labels and cached[1] == labels._version:
         return cached[2]
     rows = torch.nonzero(labels >= 0).squeeze(1)
     result = (rows, labels.index_select(0, rows)) if rows.numel() else None
-    _labelled_cache = (labels, labels._version, result)
+    _labelled_cache = (weakref.ref(labels), labels._version, result)
     return result
 
 
@@ -219,7 +221,7 @@ class LoRAMoELinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         gates = router_probs(x, self.router)  # [.., N] fp32
-        delta = _gated_low_rank(self.dropout(x), gates, self.lora_A, self.lora_B, self.scaling)
+        h = _gated_ranks(self.dropout(x), gates, self.lora_A, self.scaling)
         self._aux = {}
         if self.training:
             ctx = self.context
@@ -229,7 +231,7 @@ class LoRAMoELinear(AdapterLayer):
                 )
             if self.lbc_beta > 0:
                 self._lbc(x, gates)
-        return out + delta.to(out.dtype)
+        return add_low_rank(out, h, self.lora_B)
 
     def _lbc(self, x: torch.Tensor, gates: torch.Tensor) -> None:
         labels = self.context.task_labels

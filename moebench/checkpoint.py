@@ -33,6 +33,11 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
 
+def step_of(path: Path) -> int:
+    """The optimizer step a checkpoint directory holds (its name, as `step_dir` wrote it)."""
+    return int(path.name.removeprefix("step-"))
+
+
 def save_checkpoint(
     root: Path,
     state: TrainState,

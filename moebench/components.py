@@ -20,6 +20,21 @@ def init_lora_factors(rank: int, d_in: int, d_out: int) -> tuple[nn.Parameter, n
     return nn.Parameter(a), nn.Parameter(torch.zeros(d_out, rank))
 
 
+def add_low_rank(out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """`out + h @ B^T` for the frozen output `out` [.., d_out] and rank activations h [.., r].
+
+    One addmm when the dtypes agree or autocast picks them: the add then rides in the GEMM's
+    accumulate instead of a further pass over the [tokens, d_out] output in forward. Otherwise
+    (bf16 activations, fp32 adapters, no autocast) B's product is computed in the adapter's
+    dtype and cast, as peft does. Callers apply the adapter's scale on h: r numbers per token,
+    not d_out.
+    """
+    if out.dtype == h.dtype == lora_B.dtype or torch.is_autocast_enabled(out.device.type):
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t())
+        return flat.view(out.shape)
+    return out + (h @ lora_B.t()).to(out.dtype)
+
+
 def make_dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 

@@ -74,6 +74,12 @@ class Registry(Generic[T]):
             return
         for ep in entry_points(group=self._group):
             if ep.name in self._items:
+                log.warning(
+                    "%s plugin '%s' from %s is ignored: that name is already registered",
+                    self.kind,
+                    ep.name,
+                    ep.value,
+                )
                 continue
             try:
                 obj = ep.load()

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from moebench import store as db
-from moebench.checkpoint import latest_checkpoint
+from moebench.checkpoint import latest_checkpoint, step_of
 from moebench.config import build, to_dict
 from moebench.data import Example, Row, tokenize_row
 from moebench.decontam import check_overlap
@@ -335,7 +335,11 @@ def execute(
                 "resume_from": str(resume_from) if resume_from else None,
             },
         )
-        watch = _PhaseWatch()
+        watch = (
+            _PhaseWatch.restore(db.get_artifacts(store, run_id), step_of(resume_from))
+            if resume_from
+            else _PhaseWatch()
+        )
         hooks = TrainHooks(
             on_step=lambda s: (logs.add(s), watch.add(s), observer.step(s)),
             on_checkpoint=lambda step, path: (
@@ -475,11 +479,29 @@ def _prepare(
 
 class _PhaseWatch:
     """Notes the mean adapter-output norm on both sides of each phase switch (LoRACoE's
-    warm-up -> joint), which the loop records on the last and first step of every phase."""
+    warm-up -> joint), which the loop records on the last and first step of every phase.
 
-    def __init__(self) -> None:
-        self.prev: tuple[str, int, float | None] | None = None
-        self.switches: list[dict[str, Any]] = []
+    A run interrupted right at a switch resumes with the other side still to come, so the last
+    logged side is stored with every checkpoint (`phase_watch_last`) and `restore` picks it up.
+    """
+
+    def __init__(
+        self,
+        switches: list[dict[str, Any]] | None = None,
+        prev: tuple[str, int, float | None] | None = None,
+    ) -> None:
+        self.prev = prev
+        self.switches: list[dict[str, Any]] = switches or []
+
+    @classmethod
+    def restore(cls, artifacts: dict[str, Any], step: int) -> _PhaseWatch:
+        """The watch as it stood at checkpoint `step`, from the run's stored artifacts."""
+        switches = [s for s in artifacts.get("phase_switches", []) if s["step"] <= step]
+        last = artifacts.get("phase_watch_last")
+        prev = None
+        if last and last["step"] <= step:
+            prev = (last["phase"], last["step"], last["adapter_out_norm"])
+        return cls(switches, prev)
 
     def add(self, s: StepLog) -> None:
         if not s.stats:
@@ -515,6 +537,10 @@ class _PhaseWatch:
     def store(self, store: db.Store, run_id: int) -> None:
         if self.switches:
             db.put_artifact(store, run_id, "phase_switches", self.switches)
+        if self.prev is not None:
+            phase, step, norm = self.prev
+            last = {"phase": phase, "step": step, "adapter_out_norm": norm}
+            db.put_artifact(store, run_id, "phase_watch_last", last)
 
 
 def store_router_summary(store: db.Store, run_id: int) -> None:

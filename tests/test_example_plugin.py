@@ -185,3 +185,26 @@ def test_the_installed_example_passes_the_contract_tests(plugin_env: dict[str, s
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def test_an_entry_point_reusing_a_registered_name_is_skipped_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real dist-info on sys.path declares a plugin under a taken name: the registered one
+    stays, and the log says which entry point was ignored instead of dropping it silently."""
+    import logging
+
+    from moebench.registry import Registry
+
+    dist = tmp_path / "dup_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dup-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[moebench.test_dup]\nlora = json\nfresh = json\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry: Registry[object] = Registry("method", (), "moebench.test_dup")
+    builtin = object()
+    registry.add("lora", builtin)
+    with caplog.at_level(logging.WARNING, logger="moebench.registry"):
+        assert registry.names() == ["lora"]  # `fresh` loads a module: it registers nothing
+    assert registry.get("lora") is builtin
+    assert "method plugin 'lora' from json is ignored" in caplog.text

@@ -83,3 +83,22 @@ def test_negative_rank_is_rejected_with_one_sentence() -> None:
 
     with pytest.raises(ConfigError, match=r"rank=-2 must be a positive integer"):
         get_method("lora").config_cls(rank=-2)
+
+
+@pytest.mark.parametrize(
+    ("out_dtype", "autocast"),
+    [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+)
+def test_add_low_rank_equals_the_plain_sum(out_dtype: torch.dtype, autocast: bool) -> None:
+    """The one-addmm path and the cast-then-add fallback both give `out + h @ B^T`."""
+    from moebench.components import add_low_rank
+
+    torch.manual_seed(0)
+    out = torch.randn(2, 5, 12).to(out_dtype)
+    h, b = torch.randn(2, 5, 4), torch.randn(12, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = add_low_rank(out, h, b)
+    assert got.shape == out.shape and got.dtype == out_dtype
+    expected = out.float() + h @ b.t()
+    tol = 1e-6 if out_dtype == torch.float32 else 0.1
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=0.02)

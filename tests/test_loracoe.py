@@ -185,3 +185,68 @@ def test_method_declares_two_phases_with_a_router_free_warmup() -> None:
     assert joint.trainable is None
     (only,) = m.phases(LoRACoEConfig(warmup_fraction=0.0))
     assert only.name == JOINT and only.fraction == 1.0
+
+
+def test_fused_backward_matches_finite_differences_in_float64() -> None:
+    """The fused path's hand-written backward against torch.autograd.gradcheck, every input."""
+    from moebench.methods.loracoe import _FusedCoE
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    router = torch.randn(3 * 4, 6, dtype=torch.float64, requires_grad=True)
+
+    def gated(x: torch.Tensor, a: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+        return _FusedCoE.apply(x, a, router, 3, 0.7)[0]
+
+    assert torch.autograd.gradcheck(gated, (x, a, router))
+
+
+@pytest.mark.parametrize("gate_scale", [1.0, 5.0])
+def test_fused_and_unfused_give_the_same_gradients(gate_scale: float) -> None:
+    cfg = LoRACoEConfig(rank=5, num_experts=3, dropout=0.0, gate_scale=gate_scale)
+    layers = [_layer(cfg).train(), _layer(dataclasses.replace(cfg, fused=False)).train()]
+    x = torch.randn(3, 7, 24)
+    target = torch.randn(3, 7, 20)
+    grads = []
+    for layer in layers:
+        xi = x.clone().requires_grad_(True)
+        ((layer(xi) - target) ** 2).sum().backward()
+        names = ("lora_A", "lora_B", "router")
+        grads.append([getattr(layer, n).grad for n in names] + [xi.grad])
+    for fused, unfused in zip(*grads, strict=True):
+        assert fused.abs().max() > 0
+        torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)  # fp32 rounding
+
+
+def test_fused_path_records_the_same_router_statistics_as_unfused() -> None:
+    cfg = LoRACoEConfig(rank=4, num_experts=2, dropout=0.0)
+    x = torch.randn(2, 5, 24)
+    summaries = []
+    for fused in (True, False):
+        layer = _layer(dataclasses.replace(cfg, fused=fused)).train()
+        layer.context.record_stats = True
+        layer(x)
+        summaries.append(layer.stats())
+    assert summaries[0].keys() == summaries[1].keys() >= {"share.0", "entropy", "out_norm"}
+    for key in summaries[0]:
+        assert summaries[0][key] == pytest.approx(summaries[1][key], rel=1e-5)
+
+
+def test_fused_path_under_bf16_autocast_keeps_router_math_in_fp32() -> None:
+    """bf16 activations and fp32 adapters as the GPU runner has them, on CPU autocast."""
+    cfg = LoRACoEConfig(rank=4, dropout=0.0)
+    layer = _layer(cfg).train()
+    layer.base.to(torch.bfloat16)
+    x = torch.randn(2, 5, 24, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    assert layer.router.grad is not None and layer.router.grad.dtype == torch.float32
+    with torch.no_grad():  # gates from fp32 logits: equal to the fp32 formula on the same input
+        gates = (x.float() @ layer.router.t()).unflatten(-1, (2, 4)).softmax(-1).mean(-2)
+        h = (x.float() @ layer.lora_A.t()) * gates * layer.scaling
+        expected = layer.base(x).float() + h @ layer.lora_B.t()
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.02)

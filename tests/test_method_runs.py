@@ -194,3 +194,32 @@ def test_a_run_stored_before_a_config_field_existed_still_resumes(tmp_path: Path
     store.update_run(s, run["id"], config=old, config_hash=config_hash(public))
     assert resume(run["id"], RunEnv(db=db)) == run["id"]
     assert store.get_run(s, run["id"])["status"] == "done"
+
+
+def test_a_run_interrupted_at_loracoe_phase_switch_still_records_the_switch(
+    tmp_path: Path,
+) -> None:
+    """Checkpoint on the last warm-up step, interrupt on the first joint step: the resumed
+    process must see the stored warm-up side and note the switch as an unbroken run does."""
+    options = {"method": "loracoe", "model": "tiny-llama", "max_steps": 4, "limit": 1}
+    sets = [("train.batch_size", "8"), ("train.checkpoint_every", "2"), ("eval.tasks", "boolq")]
+    switches = []
+    for interrupt in (False, True):
+        db = f"sqlite:///{tmp_path / f'{interrupt}.db'}"
+        env = RunEnv(db=db, output_dir=str(tmp_path / f"out-{interrupt}"))
+        spec = resolve(options=options, sets=sets)
+        if interrupt:
+            with pytest.raises(KeyboardInterrupt):
+                execute(spec, env, _StopAt(3))
+            (run,) = store.list_runs(store.open_store(db))
+            assert run["last_step"] == 2
+            resume(run["id"], RunEnv(db=db))
+        else:
+            execute(spec, env)
+        (run,) = store.list_runs(store.open_store(db))
+        switches.append(store.get_artifacts(store.open_store(db), run["id"])["phase_switches"])
+    unbroken, resumed = switches
+    assert [(s["from"], s["to"], s["from_step"], s["step"]) for s in resumed] == [
+        ("lora-warmup", "joint", 2, 3)
+    ]
+    assert resumed[0]["ratio"] == pytest.approx(unbroken[0]["ratio"], rel=1e-5)
