@@ -40,8 +40,14 @@ Why it is built this way:
   `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward and backward). It
   is the arithmetic any implementation of the method must do, so `time ratio / FLOP ratio` is
   what an implementation adds on top. For LoRACoE the router's extra E r columns are a fixed
-  cost against each linear's width: at hidden 512 they alone are ~4.4% of the step, at
-  Qwen2-0.5B's widths (`--shape cpu-qwen2-width`: its layers, 4 of them, vocab 8192) ~2.8%.
+  cost against each linear's width: at hidden 512 they alone add 4.8% to the step, at
+  Qwen2-0.5B's widths (`--shape cpu-qwen2-width`: its layers, 4 of them, vocab 8192) 2.8%.
+* `--paired`: a shared machine drifts by several percent between subprocesses minutes apart,
+  as much as the effects being measured. With `--paired` each method is also timed against
+  LoRA in one process (two models side by side, steps alternating A B B A), and the ratio is the
+  median over pairs of adjacent steps, so drift lands on both sides of each pair. The time goal
+  is judged on this ratio when it is measured; the per-process rounds still give the absolute
+  step times and the memory.
 * Noise: a busy CPU makes step times swing by several times; `--threads 1` is far steadier on a
   shared machine, at the cost of ratios for a single-threaded run.
 """
@@ -267,24 +273,32 @@ def train_step(
     return ce
 
 
-def run_child(job: dict[str, Any]) -> dict[str, Any]:
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
-    device = torch.device(job["device"])
-    amp = autocast_dtype(TrainConfig(device=job["device"]), device)
-    cfg = model_shape(job["shape"], job["seq"])
+@dataclass
+class Trainee:
+    """One adapted model, ready to step as the loop steps it."""
+
+    adapted: Adapted
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    phase: str
+    note: str
+    before: int  # memory held before injection
+    weight_bytes: int
+
+    def step(self, batch: dict[str, torch.Tensor], amp: torch.dtype | None, n: int) -> float:
+        return train_step(self.adapted, batch, self.optimizer, self.trainable, amp, n)
+
+
+def trainee(
+    job: dict[str, Any], label: str, cfg: PretrainedConfig, device: torch.device, amp: Any
+) -> Trainee:
     torch.manual_seed(MODEL_SEED)
     with device:
         model = AutoModelForCausalLM.from_config(cfg, dtype=amp or torch.float32)
     model.config.use_cache = False
     tensors = [*model.parameters(), *model.buffers()]  # parameters(): tied weights once
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    examples = synthetic(cfg.vocab_size, job["batch"], job["seq"], seed=0)
-    batch = {k: v.to(device) for k, v in collate(examples, 0).items()}
-    n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-    variant = BY_LABEL[job["label"]]
-    adapted, note, before = adapt(model, variant, device, amp, job)
+    adapted, note, before = adapt(model, BY_LABEL[label], device, amp, job)
     model.to(device)
     for _, p in adapted.adapter_parameters():
         p.data = p.data.float()  # as train(): adapters and their optimizer state stay fp32
@@ -294,36 +308,86 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
     optimizer = build_optimizer(adapted, TrainConfig())
     adapted.context.phase = phase.name
     adapted.context.record_stats = False
+    return Trainee(adapted, optimizer, trainable, phase.name, note, before, weight_bytes)
+
+
+def child_batch(
+    job: dict[str, Any], cfg: PretrainedConfig, device: torch.device
+) -> tuple[dict[str, torch.Tensor], int]:
+    examples = synthetic(cfg.vocab_size, job["batch"], job["seq"], seed=0)
+    batch = {k: v.to(device) for k, v in collate(examples, 0).items()}
+    return batch, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def elapsed(t0: float, device: torch.device) -> float:
+    """Seconds since `t0`, once the device has finished the work queued since."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_child(job: dict[str, Any]) -> dict[str, Any]:
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    amp = autocast_dtype(TrainConfig(device=job["device"]), device)
+    cfg = model_shape(job["shape"], job["seq"])
+    batch, n_tokens = child_batch(job, cfg, device)
+    if job["kind"] == "paired":
+        return run_paired(job, cfg, device, amp, batch, n_tokens)
+    t = trainee(job, job["label"], cfg, device, amp)
+    adapted = t.adapted
     closed_form = adapted.method.trainable_parameters(adapted.config, ModelShapes.from_config(cfg))
 
     reset_peak(device)
     times, losses = [], []
     for _ in range(job["warmup"] + job["steps"]):
         t0 = time.perf_counter()
-        losses.append(train_step(adapted, batch, optimizer, trainable, amp, n_tokens))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        losses.append(t.step(batch, amp, n_tokens))
+        times.append(elapsed(t0, device))
     peak = peak_memory(device)
     with FlopCounterMode(display=False) as flops:  # after the timed steps: counting is slow
-        train_step(adapted, batch, optimizer, trainable, amp, n_tokens)
+        t.step(batch, amp, n_tokens)
     return {
         "label": job["label"],
         "repeat": job["repeat"],
         "kind": job["kind"],
         "step_s": times[job["warmup"] :],
         "peak_bytes": peak,
-        "added_bytes": peak - before,
-        "weight_bytes": weight_bytes,
-        "trainable": sum(p.numel() for p in trainable),
+        "added_bytes": peak - t.before,
+        "weight_bytes": t.weight_bytes,
+        "trainable": sum(p.numel() for p in t.trainable),
         "step_flops": flops.get_total_flops(),
         "closed_form": closed_form,
-        "phase": phase.name,
-        "note": note,
+        "phase": t.phase,
+        "note": t.note,
         "last_loss": losses[-1],
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
     }
+
+
+def run_paired(
+    job: dict[str, Any],
+    cfg: PretrainedConfig,
+    device: torch.device,
+    amp: Any,
+    batch: dict[str, torch.Tensor],
+    n_tokens: int,
+) -> dict[str, Any]:
+    """LoRA and the method in one process, stepped alternately in A B B A order, so that a
+    machine's drift (other tenants, clocks) lands on both sides of every pair alike."""
+    pair = [trainee(job, "lora", cfg, device, amp), trainee(job, job["label"], cfg, device, amp)]
+    for _ in range(job["warmup"]):
+        for t in pair:
+            t.step(batch, amp, n_tokens)
+    times: list[list[float]] = [[], []]
+    for i in range(job["steps"]):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
+            t0 = time.perf_counter()
+            pair[side].step(batch, amp, n_tokens)
+            times[side].append(elapsed(t0, device))
+    return {"label": job["label"], "kind": "paired", "lora_s": times[0], "method_s": times[1]}
 
 
 # --- parent: interleave the children, then report -----------------------------------------------
@@ -334,7 +398,14 @@ class Result:
     variant: Variant
     runs: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, Any] | None = None
+    paired: dict[str, Any] | None = None  # --paired: steps alternated with LoRA's in one process
     error: str | None = None
+
+    @property
+    def paired_ratios(self) -> list[float]:
+        """Per pair, this method's step time over LoRA's step next to it."""
+        p = self.paired or {}
+        return [m / lo for lo, m in zip(p.get("lora_s", []), p.get("method_s", []), strict=True)]
 
     @property
     def step_ms(self) -> float:
@@ -391,24 +462,45 @@ def table(results: list[Result]) -> str:
     base = results[0].memory
     assert base is not None
     lines = [
-        "| method | config | trainable params | step ms (median) | time ratio | FLOP ratio "
-        "| peak MiB | added MiB | mem ratio (added) | mem ratio (+weights) | goal | met? |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
+        "| method | config | trainable params | step ms (median) | time ratio | paired ratio "
+        "| FLOP ratio | peak MiB | added MiB | mem ratio (added) | mem ratio (+weights) | goal "
+        "| met? |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
     for r in results:
         v, mem = r.variant, r.memory
         if r.error is not None or mem is None or not r.runs:
-            lines.append(f"| {v.label} | {v.summary} | failed: {r.error} |" + " |" * 9)
+            lines.append(f"| {v.label} | {v.summary} | failed: {r.error} |" + " |" * 10)
             continue
         t = r.step_ms / results[0].step_ms
+        paired = statistics.median(r.paired_ratios) if r.paired else None
         f = r.runs[0]["step_flops"] / results[0].runs[0]["step_flops"]
         added = mem["added_bytes"] / base["added_bytes"]
         m = with_weights(mem) / with_weights(base)
         config = v.summary + (f"; {r.runs[0]['note']}" if r.runs[0]["note"] else "")
         lines.append(
             f"| {v.label} | {config} | {r.runs[0]['trainable']:,} | {r.step_ms:.1f} | {t:.3f} "
+            f"| {'-' if paired is None else f'{paired:.3f}'} "
             f"| {f:.3f} | {mem['peak_bytes'] / MIB:.0f} | {mem['added_bytes'] / MIB:.0f} "
-            f"| {added:.3f} | {m:.3f} | {goal_text(v)} | {met(v, t, m)} |"
+            f"| {added:.3f} | {m:.3f} | {goal_text(v)} "
+            f"| {met(v, t if paired is None else paired, m)} |"
+        )
+    return "\n".join(lines)
+
+
+def paired_table(results: list[Result]) -> str:
+    lines = [
+        "| method | pairs | median ratio | lower quartile | upper quartile | min | max |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        ratios = sorted(r.paired_ratios)
+        if not ratios:
+            continue
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        lines.append(
+            f"| {r.variant.label} | {len(ratios)} | {statistics.median(ratios):.3f} "
+            f"| {q[0]:.3f} | {q[2]:.3f} | {ratios[0]:.3f} | {ratios[-1]:.3f} |"
         )
     return "\n".join(lines)
 
@@ -450,6 +542,16 @@ def measure(labels: list[str], a: argparse.Namespace, job: dict[str, Any]) -> li
         r.error, r.memory = out.get("error"), None if "error" in out else out
         if r.memory:
             print(f"  {r.variant.label} memory: +{r.memory['added_bytes'] / MIB:.0f} MiB")
+    for r in list(results.values())[1:] if a.paired else []:
+        if r.error:
+            continue
+        out = spawn(job | {"label": r.variant.label, "repeat": 0, "kind": "paired"}, env)
+        if "error" in out:
+            print(f"  {r.variant.label} paired: FAILED {out['error']}", flush=True)
+            continue
+        r.paired = out
+        ratio = statistics.median(r.paired_ratios)
+        print(f"  {r.variant.label} paired with lora: x{ratio:.3f}", flush=True)
     return list(results.values())
 
 
@@ -467,7 +569,9 @@ def report(results: list[Result], a: argparse.Namespace, job: dict[str, Any], co
         f"Model: {job['shape']} (random init, {'bf16 base, bf16 autocast' if cuda else 'fp32'}), "
         f"batch {job['batch']} x {job['seq']} tokens as one micro-batch; {a.warmup} warm-up + "
         f"{a.steps} timed steps per run, {a.repeats} interleaved rounds.",
-        f"Time ratio: median step time / LoRA's. FLOP ratio: the step's matmul and attention "
+        f"Time ratio: median step time / LoRA's. Paired ratio (--paired): median over step "
+        "pairs of the method's step over LoRA's next to it, both models in one process; the "
+        "time goal is judged on it when measured. FLOP ratio: the step's matmul and attention "
         "FLOPs (forward and backward, `torch.utils.flop_counter`) / LoRA's, the floor any "
         f"implementation of the method pays. Peak: {peak}. Added: peak minus memory before "
         "injection. Mem ratio (added): added / LoRA's; (+weights): (added + frozen model "
@@ -480,7 +584,10 @@ def report(results: list[Result], a: argparse.Namespace, job: dict[str, Any], co
                 f"WARNING {r.variant.label}: {run['trainable']:,} trainable parameters, its "
                 f"closed form says {run['closed_form']:,}."
             )
-    return "\n".join([*lines, "", table(results), "", "Every run:", "", runs_table(results)])
+    out = [*lines, "", table(results), "", "Every run:", "", runs_table(results)]
+    if any(r.paired for r in results):
+        out += ["", "Paired with LoRA (one process, A B B A steps):", "", paired_table(results)]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -503,6 +610,12 @@ def main(argv: list[str] | None = None) -> None:
         "--methods",
         default=",".join(BY_LABEL),
         help=f"comma-separated, from: {', '.join(BY_LABEL)} (lora, the baseline, always runs)",
+    )
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="also time each method against LoRA in one process, steps alternating A B B A "
+        "(steadier on a shared machine; the time goal is judged on it)",
     )
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -545,7 +658,12 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "date": str(datetime.date.today()),
             "results": {
-                r.variant.label: {"runs": r.runs, "memory": r.memory, "error": r.error}
+                r.variant.label: {
+                    "runs": r.runs,
+                    "memory": r.memory,
+                    "paired": r.paired,
+                    "error": r.error,
+                }
                 for r in results
             },
         }
