@@ -37,17 +37,18 @@ Why it is built this way:
   memory goals are checked on it. (An absolute RSS would also count a few hundred MiB of
   libraries, so on CPU the ratio is built from the growth.)
 * The FLOP ratio: one more step per run, after the measurements, under
-  `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward and backward). It
-  is the arithmetic any implementation of the method must do, so `time ratio / FLOP ratio` is
-  what an implementation adds on top. For LoRACoE the router's extra E r columns are a fixed
-  cost against each linear's width: at hidden 512 they alone add 4.8% to the step, at
-  Qwen2-0.5B's widths (`--shape cpu-qwen2-width`: its layers, 4 of them, vocab 8192) 2.8%.
+  `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward and backward; the
+  CPU attention kernel, which torch has no formula for, is counted by `ATTENTION_FLOPS`). It is
+  the arithmetic a method adds to LoRA's step. It is not a floor on the time ratio: the loss
+  over the vocabulary, norms and the optimizer take time the counter does not see, and dilute
+  it. For LoRACoE the router's E r extra columns are a fixed cost against each linear's width,
+  so they weigh more on narrow models than on the 4096-wide ones the paper measured.
 * `--paired`: a shared machine drifts by several percent between subprocesses minutes apart,
   as much as the effects being measured. With `--paired` each method is also timed against
-  LoRA in one process (two models side by side, steps alternating A B B A), and the ratio is the
-  median over pairs of adjacent steps, so drift lands on both sides of each pair. The time goal
-  is judged on this ratio when it is measured; the per-process rounds still give the absolute
-  step times and the memory.
+  LoRA in one process (two models side by side, steps alternating A B B A; `--steps` even), and
+  the ratio is the method's total time over LoRA's: within each A B B A block a drift linear
+  in time lands on both sides alike. The time goal is judged on this ratio when it is measured;
+  the per-process rounds still give the absolute step times and the memory.
 * Noise: a busy CPU makes step times swing by several times; `--threads 1` is far steadier on a
   shared machine, at the cost of ratios for a single-threaded run.
 """
@@ -326,6 +327,28 @@ def elapsed(t0: float, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _attention_flops(query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+    """QK^T and PV at full length (as torch's own SDPA formulas count), over the query heads;
+    the shapes come in as [batch, heads, seq, head_dim], keys possibly with fewer (GQA) heads."""
+    b, h, s_q, d = query
+    return 2 * b * h * s_q * key[-2] * d + 2 * b * h * s_q * key[-2] * value[-1]
+
+
+def _attention_backward_flops(
+    grad: Any, query: Any, key: Any, value: Any, *_: Any, **__: Any
+) -> int:
+    return 2 * _attention_flops(query, key, value)  # dQ, dK, dV and dP: twice the forward
+
+
+# torch's FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU one,
+# which it would count as 0 FLOPs.
+_aten = torch.ops.aten
+ATTENTION_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+}
+
+
 def run_child(job: dict[str, Any]) -> dict[str, Any]:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -346,7 +369,8 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
         losses.append(t.step(batch, amp, n_tokens))
         times.append(elapsed(t0, device))
     peak = peak_memory(device)
-    with FlopCounterMode(display=False) as flops:  # after the timed steps: counting is slow
+    # one more step, after the timed ones: counting is slow
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as flops:
         t.step(batch, amp, n_tokens)
     return {
         "label": job["label"],
@@ -403,9 +427,20 @@ class Result:
 
     @property
     def paired_ratios(self) -> list[float]:
-        """Per pair, this method's step time over LoRA's step next to it."""
+        """Per A B B A block, this method's two steps over LoRA's two: within a block, a drift
+        that is linear in time lands on both sides alike."""
         p = self.paired or {}
-        return [m / lo for lo, m in zip(p.get("lora_s", []), p.get("method_s", []), strict=True)]
+        lora, method = p.get("lora_s", []), p.get("method_s", [])
+        return [
+            (method[i] + method[i + 1]) / (lora[i] + lora[i + 1])
+            for i in range(0, len(lora) - 1, 2)
+        ]
+
+    @property
+    def paired_ratio(self) -> float | None:
+        """All of this method's paired steps over all of LoRA's."""
+        p = self.paired or {}
+        return sum(p["method_s"]) / sum(p["lora_s"]) if p.get("lora_s") else None
 
     @property
     def step_ms(self) -> float:
@@ -473,7 +508,7 @@ def table(results: list[Result]) -> str:
             lines.append(f"| {v.label} | {v.summary} | failed: {r.error} |" + " |" * 10)
             continue
         t = r.step_ms / results[0].step_ms
-        paired = statistics.median(r.paired_ratios) if r.paired else None
+        paired = r.paired_ratio
         f = r.runs[0]["step_flops"] / results[0].runs[0]["step_flops"]
         added = mem["added_bytes"] / base["added_bytes"]
         m = with_weights(mem) / with_weights(base)
@@ -490,17 +525,17 @@ def table(results: list[Result]) -> str:
 
 def paired_table(results: list[Result]) -> str:
     lines = [
-        "| method | pairs | median ratio | lower quartile | upper quartile | min | max |",
+        "| method | steps per side | ratio of totals | A B B A blocks | block median | min | max |",
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
-        ratios = sorted(r.paired_ratios)
-        if not ratios:
+        blocks = sorted(r.paired_ratios)
+        if not blocks or r.paired is None:
             continue
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         lines.append(
-            f"| {r.variant.label} | {len(ratios)} | {statistics.median(ratios):.3f} "
-            f"| {q[0]:.3f} | {q[2]:.3f} | {ratios[0]:.3f} | {ratios[-1]:.3f} |"
+            f"| {r.variant.label} | {len(r.paired['lora_s'])} | {r.paired_ratio:.3f} "
+            f"| {len(blocks)} | {statistics.median(blocks):.3f} | {blocks[0]:.3f} "
+            f"| {blocks[-1]:.3f} |"
         )
     return "\n".join(lines)
 
@@ -550,8 +585,7 @@ def measure(labels: list[str], a: argparse.Namespace, job: dict[str, Any]) -> li
             print(f"  {r.variant.label} paired: FAILED {out['error']}", flush=True)
             continue
         r.paired = out
-        ratio = statistics.median(r.paired_ratios)
-        print(f"  {r.variant.label} paired with lora: x{ratio:.3f}", flush=True)
+        print(f"  {r.variant.label} paired with lora: x{r.paired_ratio:.3f}", flush=True)
     return list(results.values())
 
 
@@ -569,11 +603,12 @@ def report(results: list[Result], a: argparse.Namespace, job: dict[str, Any], co
         f"Model: {job['shape']} (random init, {'bf16 base, bf16 autocast' if cuda else 'fp32'}), "
         f"batch {job['batch']} x {job['seq']} tokens as one micro-batch; {a.warmup} warm-up + "
         f"{a.steps} timed steps per run, {a.repeats} interleaved rounds.",
-        f"Time ratio: median step time / LoRA's. Paired ratio (--paired): median over step "
-        "pairs of the method's step over LoRA's next to it, both models in one process; the "
-        "time goal is judged on it when measured. FLOP ratio: the step's matmul and attention "
-        "FLOPs (forward and backward, `torch.utils.flop_counter`) / LoRA's, the floor any "
-        f"implementation of the method pays. Peak: {peak}. Added: peak minus memory before "
+        f"Time ratio: median step time / LoRA's. Paired ratio (--paired): the method's total "
+        "time over LoRA's, both models in one process, steps in A B B A order; the time goal "
+        "is judged on it when measured. FLOP ratio: the step's matmul and attention FLOPs "
+        "(forward and backward, `torch.utils.flop_counter`) / LoRA's, the arithmetic the "
+        "method adds; the rest of a step (loss, norms, optimizer) dilutes it in time. "
+        f"Peak: {peak}. Added: peak minus memory before "
         "injection. Mem ratio (added): added / LoRA's; (+weights): (added + frozen model "
         "bytes) / LoRA's, the quantity a GPU's peak holds; memory goals use it.",
     ]
@@ -630,6 +665,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(BY_LABEL)}")
     if a.steps < 1 or a.warmup < 0 or a.repeats < 1:
         p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if a.paired and a.steps % 2:
+        p.error(f"--paired runs A B B A blocks, so --steps must be even, not {a.steps}")
     labels = ["lora", *[m for m in dict.fromkeys(labels) if m != "lora"]]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -9,8 +9,8 @@ the experts' mean gate to the rank components:
 The right-hand form is what runs (a test checks it against the literal double sum). By default
 the router rows are stacked under A and x meets `[A; W_1; ...; W_E]` in ONE matmul (the paper's
 appendix C), then the result is split. The fused path is one autograd Function with a
-hand-written backward (`_FusedCoE`) that keeps only the matmul's [T, r(1+E)] output for backward,
-which is what brings its memory within a few percent of LoRA's. That matmul has one input, so
+hand-written backward (`_FusedCoE`) that keeps x and the matmul's [T, r(1+E)] output for
+backward and recomputes the rest. That matmul has one input, so
 with dropout > 0 the router routes on the dropped x, as the paper's fused kernel must;
 `fused=false` keeps the two-matmul autograd path, router on the raw x as the formula says. With
 dropout 0 the two are equal, forward and gradients (tests, plus gradcheck in float64).
@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from moebench.components import (
     ALL_LINEARS,
@@ -194,9 +195,10 @@ class _FusedCoE(torch.autograd.Function):
 
     Why a hand-written backward: autograd over the same lines keeps every intermediate ([T, r]
     A x, [T, E, r] gates, [T, r] mean gate) alive until backward and walks a dozen small kernels
-    each way. This keeps only x (which the frozen linear holds anyway) and the [T, r(1+E)] output
-    of the one matmul with [A; W_route], and recomputes the softmax from it in backward (a few
-    hundred flops per token against the matmuls' thousands). It computes in fp32 (or the factors'
+    each way. This keeps only x (which LoRA's A keeps too, for its gradient) and the
+    [T, r(1+E)] output of the one matmul with [A; W_route], and recomputes the softmax from it
+    in backward (a few hundred flops per token against the matmuls' thousands). Only first
+    derivatives: the backward is not itself differentiable. It computes in fp32 (or the factors'
     wider dtype, so gradcheck can run it in float64) whatever x's dtype: routers stay out of bf16.
     The second output, the gates [T, E, r], feeds router statistics and carries no gradient.
     """
@@ -223,6 +225,7 @@ class _FusedCoE(torch.autograd.Function):
         return gated, gates
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, grad_gated: torch.Tensor, _grad_gates: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:

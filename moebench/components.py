@@ -29,10 +29,18 @@ def add_low_rank(out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor) -> to
     dtype and cast, as peft does. Callers apply the adapter's scale on h: r numbers per token,
     not d_out.
     """
-    if out.dtype == h.dtype == lora_B.dtype or torch.is_autocast_enabled(out.device.type):
+    if out.dtype == h.dtype == lora_B.dtype or _autocast_on(out.device.type):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t())
         return flat.view(out.shape)
     return out + (h @ lora_B.t()).to(out.dtype)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type; False where it has no autocast at all."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # e.g. "meta"
+        return False
 
 
 def make_dropout(p: float) -> nn.Module:
