@@ -82,7 +82,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qw
 from moebench.data import IGNORE_INDEX, Example, collate
 from moebench.inject import Adapted, inject
 from moebench.method import ModelShapes, PrepareContext, get_method
-from moebench.models import model_config
+from moebench.models import KNOWN_CONFIGS, model_config
 from moebench.train import (
     TrainConfig,
     autocast_dtype,
@@ -169,13 +169,9 @@ def model_shape(shape: str, seq: int) -> PretrainedConfig:
             pad_token_id=0,
         )
     if shape == "cpu-qwen2-width":  # Qwen2-0.5B's layers (GQA 14/2, d_ff 4864), 4 of them
+        widths = {k: v for k, v in KNOWN_CONFIGS["qwen2-0.5b"].items() if k not in ("arch", "tie")}
         return Qwen2Config(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=4,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            vocab_size=8192,
+            **{**widths, "num_hidden_layers": 4, "vocab_size": 8192},
             max_position_embeddings=max(2048, seq),
             tie_word_embeddings=True,
             pad_token_id=0,

@@ -39,7 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebench.components import RouterStats, fp32_matmul, make_dropout, suffix, token_mask
+from moebench.components import (
+    RouterStats,
+    add_low_rank,
+    fp32_matmul,
+    make_dropout,
+    suffix,
+    token_mask,
+)
 from moebench.config import check, doc
 from moebench.method import METHODS, AdapterLayer, BatchContext, Method, ModelShapes
 from moebench.methods.lora import LoRALinear
@@ -112,15 +119,12 @@ def _grouped(
     rows: torch.Tensor, weight: torch.Tensor, counts: list[int], add: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Rows grouped by expert ([S, n_in], counts[i] of them for expert i) times their expert's
-    weight ([E, n_out, n_in]), plus `add` [S, n_out] when given.
+    weight ([E, n_out, n_in]), plus `add` [S, n_out] when given (in the GEMM, `add_low_rank`).
 
     A loop over experts on contiguous views: no padding, and experts without rows are skipped.
     `split`/`unbind`/`cat` keep the backward to one gradient copy each, where slicing per expert
     would build a full-size zero gradient per expert.
     """
-    fuse = add is not None and (
-        add.dtype == rows.dtype or torch.is_autocast_enabled(add.device.type)
-    )
     extras = add.split(counts) if add is not None else [None] * len(counts)
     outs = []
     for part, wt, extra, n in zip(
@@ -128,12 +132,7 @@ def _grouped(
     ):
         if n == 0:
             continue
-        if extra is None:
-            outs.append(part @ wt.t())
-        elif fuse:
-            outs.append(torch.addmm(extra, part, wt.t()))
-        else:  # bf16 activations without autocast: adapter math in fp32, cast as LoRALinear does
-            outs.append(extra + (part @ wt.t()).to(extra.dtype))
+        outs.append(part @ wt.t() if extra is None else add_low_rank(extra, part, wt))
     return torch.cat(outs)
 
 
