@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import re
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -128,7 +127,10 @@ def run(
     ] = None,
     output_dir: Annotated[
         str | None,
-        typer.Option(help="Where checkpoints and the adapter go [default: results/runs/<id>]."),
+        typer.Option(
+            help="Root folder of run outputs; each run writes checkpoints and its adapter into "
+            "its own folder <root>/<id> [default: results/runs]."
+        ),
     ] = None,
     resume: Annotated[
         int | None, typer.Option(help="Continue stored run ID from its last checkpoint.")
@@ -157,9 +159,6 @@ def run(
     from moebench.runspec import resolve
 
     _setup_logging(verbose)
-    # A scheduler's kill (SIGTERM: preemption, timeout, docker stop) ends the run like Ctrl-C,
-    # so the store says "interrupted" with the last checkpoint instead of "running" forever.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     env = runner.RunEnv(db=db, data_dir=data_dir, output_dir=output_dir)
     with _progress() as progress:
         observer = ProgressObserver(progress)
@@ -259,15 +258,10 @@ def overlap_lines(overlap: dict[str, Any]) -> str:
     return "\n".join([head, *rows])
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def _stored_config(db: str | None, run_id: int) -> dict[str, Any]:
     from moebench import store
 
-    row = store.get_run(store.open_store(db), run_id)
-    return {k: v for k, v in row["config"].items() if not k.startswith("_")}
+    return dict(store.get_run(store.open_store(db), run_id)["config"])
 
 
 def _progress() -> Progress:
@@ -521,9 +515,7 @@ def runs_show(
     s = store.open_store(db)
     row = store.get_run(s, run_id)
     if config_only:
-        print(
-            json.dumps({k: v for k, v in row["config"].items() if not k.startswith("_")}, indent=2)
-        )
+        print(json.dumps(row["config"], indent=2))
         return
     for key, value in row.items():
         if key == "config":
@@ -828,6 +820,10 @@ def runs_summary(
                 f"[dim]runs {', '.join(map(str, g.repeats))} repeat a seed of this group; "
                 "only the newest run per seed is counted[/]"
             )
+
+
+# `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
+from moebench import cli_jobs  # noqa: E402, F401
 
 
 def main() -> None:

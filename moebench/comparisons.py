@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from moebench import store as db
+from moebench.config import EXECUTION_FIELDS
 from moebench.errors import ConfigError
 from moebench.stats import (
     PairedResult,
@@ -262,7 +263,7 @@ class SetOverSeeds:
 
 @dataclass(frozen=True)
 class SeedGroup:
-    """Runs whose configs are equal apart from the seed (and `_`-prefixed provenance)."""
+    """Runs whose specs are equal apart from the seed (and execution settings), on the same data."""
 
     method: str
     model: str
@@ -273,13 +274,20 @@ class SeedGroup:
     sets: list[SetOverSeeds]
 
 
-def seed_free_config(config: dict[str, Any]) -> str:
-    """A run's config without its seed and provenance keys, as canonical JSON (the group key).
+def seed_free_config(config: dict[str, Any], data_fingerprint: str | None = None) -> str:
+    """A run's spec without its seed and execution settings, with its data fingerprint, as
+    canonical JSON (the group key).
 
-    The data files' hashes stay in the key: runs over different data are not seeds of one run.
+    The data fingerprint stays in the key: runs over different data are not seeds of one run.
+    Execution settings (checkpoint cadence, device, eval engine and batch) cannot change a
+    number, so runs differing only there group together.
     """
-    kept = {k: v for k, v in config.items() if k != "seed" and not k.startswith("_")}
-    kept["_data_sha256"] = sorted(config.get("_data", {}).get("sha256", {}).values())
+    kept = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items() if k != "seed"}
+    for section, names in EXECUTION_FIELDS.items():
+        for name in names:
+            if isinstance(kept.get(section), dict):
+                kept[section].pop(name, None)
+    kept["data_fingerprint"] = data_fingerprint
     return json.dumps(kept, sort_keys=True)
 
 
@@ -303,7 +311,7 @@ def seed_groups(
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         if suite is None or r["suite"] == suite:
-            grouped[seed_free_config(r["config"])].append(r)
+            grouped[seed_free_config(r["config"], r["data_fingerprint"])].append(r)
     groups = []
     for members in grouped.values():
         newest: dict[int, dict[str, Any]] = {}

@@ -23,6 +23,17 @@ from moebench.errors import ConfigError, did_you_mean
 
 C = TypeVar("C")
 
+# Settings that say how a run executes, not what it is: left out of the hash, so the same
+# experiment checkpointed more often, on another device or scored by another engine is the same
+# job. tests/test_execution_settings.py proves, setting by setting, that each leaves metrics and
+# predictions unchanged; a setting that fails that test belongs in the hash. (`train.device` is
+# here because a job is what it computes, not where; numbers across devices differ only by
+# floating-point rounding, which no setting of a spec can remove.)
+EXECUTION_FIELDS: dict[str, tuple[str, ...]] = {
+    "train": ("checkpoint_every", "keep_checkpoints", "stats_every", "device"),
+    "eval": ("engine", "batch_size"),
+}
+
 
 def field_help(cls: type, name: str) -> str:
     """Each field documents itself once, in its `metadata["help"]`."""

@@ -29,18 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from moebench import store as db
+from moebench.adapted import build_adapted
 from moebench.config import build
 from moebench.errors import ConfigError, DataError, did_you_mean
-from moebench.inject import Adapted, inject
+from moebench.inject import Adapted
 from moebench.method import get_method
-from moebench.models import load_model
 from moebench.runner import changed_settings
 from moebench.runspec import RunSpec, resolve
-from moebench.train import autocast_dtype, resolve_device
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -127,7 +125,7 @@ def rebuild_run(store: db.Store, run_id: int) -> RebuiltRun:
     row = db.get_run(store, run_id)
     folder = adapter_dir(row)
     saved = json.loads((folder / "adapter_config.json").read_text())
-    stored = {k: v for k, v in row["config"].items() if not k.startswith("_")}
+    stored = row["config"]
     spec = resolve(base=stored)
     changed = changed_settings(stored, spec.to_dict())
     if changed:
@@ -144,20 +142,8 @@ def rebuild_run(store: db.Store, run_id: int) -> RebuiltRun:
         )
     method = get_method(spec.method)
     method_config = build(method.config_cls, saved["method_config"], section=method.name)
-    device = resolve_device(spec.train)
-    amp = autocast_dtype(spec.train, device)
-    model, tokenizer = load_model(spec.model, dtype=amp or torch.float32)
-    torch.manual_seed(spec.seed)
-    adapted = inject(model, method, method_config)
-    for _, p in adapted.adapter_parameters():
-        p.data = p.data.float()
-    adapted.load_adapter_state_dict(load_file(str(folder / "adapter.safetensors")))
-    adapted.context.phase = method.phases(method_config)[-1].name
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.to(device)
-    model.eval()
-    return RebuiltRun(adapted, tokenizer, spec, device, amp, folder)
+    built = build_adapted(spec, method_config, adapter=folder)
+    return RebuiltRun(built.adapted, built.tokenizer, spec, built.device, built.amp, folder)
 
 
 # --- lm-eval tasks ------------------------------------------------------------------------------

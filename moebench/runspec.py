@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moebench.config import build, config_hash, to_dict
+from moebench.config import EXECUTION_FIELDS, build, config_hash, to_dict
 from moebench.errors import ConfigError, did_you_mean
 from moebench.evaluate import EvalConfig
 from moebench.method import get_method
@@ -49,9 +49,18 @@ class RunSpec:
             "data": to_dict(self.data),
         }
 
+    def identity(self) -> dict[str, Any]:
+        """`to_dict()` without the execution settings: what the hash covers."""
+        out = self.to_dict()
+        for section, names in EXECUTION_FIELDS.items():
+            for name in names:
+                out[section].pop(name, None)
+        return out
+
     @property
     def hash(self) -> str:
-        return config_hash(self.to_dict())
+        """The job's key: equal for runs that must produce the same numbers."""
+        return config_hash(self.identity())
 
 
 def _field_names(cls: type) -> set[str]:

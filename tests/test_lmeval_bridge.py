@@ -128,7 +128,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "db": db,
         "run_id": run["id"],
         "env": env,
-        "adapter": tmp / "out" / "adapter",
+        "adapter": Path(run["output_dir"]) / "adapter",  # its own folder under the root
         "docs": _write_tasks(tmp / "tasks"),
     }
 

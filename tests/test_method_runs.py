@@ -102,7 +102,8 @@ def test_moebench_run_trains_scores_and_stores_router_statistics(
         shares = [v for k, v in logged[-1]["stats"].items() if ".share." in k]
         assert shares and all(0.0 <= v <= 1.0 for v in shares)
     # the preparation stage's outcome is stored, so a resume rebuilds the same modules
-    assert set(run["config"]["_prepared"]["method_config"]) == set(run["config"]["method_config"])
+    prepared = store.get_produced(s, run["id"]).prepared
+    assert set(prepared["method_config"]) == set(run["config"]["method_config"])
 
 
 SHIPPED_MOE = ["loramoe", "loramoe-partition", "mixlora", "lora-smoe", "loracoe"]
@@ -163,7 +164,7 @@ def test_a_resumed_run_reuses_its_preparation_instead_of_measuring_again(
     (run,) = store.list_runs(s)
     assert run["status"] == "interrupted" and run["last_step"] == 2
     allocation = store.get_artifacts(s, run["id"])["allocation"]
-    stored = run["config"]["_prepared"]["method_config"]["allocation"]
+    stored = store.get_produced(s, run["id"]).prepared["method_config"]["allocation"]
     assert stored and len(stored) == len(allocation["modules"])
 
     def no_measuring(*args: object, **kwargs: object) -> None:
@@ -173,7 +174,7 @@ def test_a_resumed_run_reuses_its_preparation_instead_of_measuring_again(
     assert resume(run["id"], RunEnv(db=db)) == run["id"]
     run = store.get_run(s, run["id"])
     assert run["status"] == "done" and run["resumed_from_step"] == 2
-    assert run["config"]["_prepared"]["method_config"]["allocation"] == stored
+    assert store.get_produced(s, run["id"]).prepared["method_config"]["allocation"] == stored
 
 
 def test_a_run_stored_before_a_config_field_existed_still_resumes(tmp_path: Path) -> None:
@@ -190,8 +191,7 @@ def test_a_run_stored_before_a_config_field_existed_still_resumes(tmp_path: Path
     (run,) = store.list_runs(s)
     old = {k: v for k, v in run["config"].items()}
     del old["train"]["stats_every"]
-    public = {k: v for k, v in old.items() if not k.startswith("_")}
-    store.update_run(s, run["id"], config=old, config_hash=config_hash(public))
+    store.update_run(s, run["id"], config=old, config_hash=config_hash(old))
     assert resume(run["id"], RunEnv(db=db)) == run["id"]
     assert store.get_run(s, run["id"])["status"] == "done"
 

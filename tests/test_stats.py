@@ -386,13 +386,14 @@ def _metrics(store: Store, run_id: int, boolq: float, n: int = 200) -> None:
     )  # fmt: skip
 
 
-def test_seed_free_config_ignores_seed_and_provenance() -> None:
-    base = seed_free_config({**CONFIG, "_data": {"root": "/a", "sha256": {"f": "x"}}})
-    same_data = {"_data": {"root": "/b", "sha256": {"f": "x"}}, "_budget": {"t": 1}}
-    assert seed_free_config({**CONFIG, "seed": 7, **same_data}) == base
-    assert seed_free_config({**CONFIG, "train": {"lr": 1e-4}}) != base
-    # other data files: not a seed of the same run
-    assert seed_free_config({**CONFIG, "_data": {"sha256": {"f": "y"}}}) != base
+def test_seed_free_config_ignores_seed_and_execution_settings() -> None:
+    base = seed_free_config(CONFIG, "x")
+    assert seed_free_config({**CONFIG, "seed": 7}, "x") == base
+    execution = {**CONFIG, "train": {**CONFIG.get("train", {}), "checkpoint_every": 3}}
+    assert seed_free_config(execution, "x") == base
+    assert seed_free_config({**CONFIG, "train": {"lr": 1e-4}}, "x") != base
+    # other data files or rows: not a seed of the same run
+    assert seed_free_config(CONFIG, "y") != base
 
 
 def test_seed_groups_summarise_each_set_over_seeds(store: Store) -> None:

@@ -86,7 +86,7 @@ def test_old_database_is_upgraded_and_readable(tmp_path: Path) -> None:
     url = _database_at_0001(tmp_path / "old.db")
 
     with open_store(url) as store:
-        assert _revision(store.engine) == head_revision() == "0004"
+        assert _revision(store.engine) == head_revision() == "0005"
         assert {"aux_losses", "stats", "tokens"} <= _columns(store.engine, "training_log")
         assert "detail" in _columns(store.engine, "predictions")
 

@@ -16,6 +16,7 @@ from moebench.store.db import (
 )
 from moebench.store.export import export_runs
 from moebench.store.queries import (
+    Produced,
     add_checkpoint,
     add_metrics,
     add_predictions,
@@ -26,6 +27,7 @@ from moebench.store.queries import (
     get_checkpoints,
     get_metrics,
     get_predictions,
+    get_produced,
     get_run,
     get_training_log,
     list_runs,
@@ -39,6 +41,7 @@ from moebench.store.tables import RUN_STATUSES
 __all__ = [
     "DEFAULT_DB_URL",
     "RUN_STATUSES",
+    "Produced",
     "Store",
     "add_checkpoint",
     "add_metrics",
@@ -52,6 +55,7 @@ __all__ = [
     "get_checkpoints",
     "get_metrics",
     "get_predictions",
+    "get_produced",
     "get_run",
     "get_training_log",
     "head_revision",

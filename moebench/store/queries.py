@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -374,3 +375,27 @@ def get_artifacts(store: Store, run_id: int) -> dict[str, Any]:
     t = ARTIFACTS
     rows = _rows_of(store, run_id, select(t).where(t.c.run_id == run_id).order_by(t.c.name))
     return {r["name"]: r["data"] for r in rows}
+
+
+@dataclass(frozen=True)
+class Produced:
+    """What a run produced on its way, kept apart from its spec (artifacts of those names).
+
+    `data`: the data root, file hashes, suite description and drawn rows' digest; `budget`: the
+    parameter budget it was solved for (and, once built, what it achieved); `prepared`: the
+    method config its preparation stage produced (LoRA-SMoE's allocation), which a resume and
+    every rebuild use instead of preparing again.
+    """
+
+    data: dict[str, Any] | None
+    budget: dict[str, Any] | None
+    prepared: dict[str, Any] | None
+
+
+def get_produced(store: Store, run_id: int) -> Produced:
+    """The one accessor for a run's produced records (see `Produced`)."""
+    t = ARTIFACTS
+    names = ("data", "budget", "prepared")
+    stmt = select(t.c.name, t.c.data).where(t.c.run_id == run_id, t.c.name.in_(names))
+    rows = {r["name"]: r["data"] for r in _rows_of(store, run_id, stmt)}
+    return Produced(rows.get("data"), rows.get("budget"), rows.get("prepared"))

@@ -30,7 +30,14 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-RUN_STATUSES: tuple[str, ...] = ("queued", "running", "done", "failed", "interrupted")
+RUN_STATUSES: tuple[str, ...] = (
+    "queued",
+    "running",
+    "done",
+    "failed",
+    "interrupted",
+    "cancelled",
+)
 
 # Explicit constraint names let a migration drop or alter a constraint by name on every backend.
 NAMING_CONVENTION: dict[str, str] = {
@@ -95,6 +102,7 @@ class Run(Base):
         Index("ix_runs_method_model", "method", "model"),
         Index("ix_runs_config_hash", "config_hash"),
         Index("ix_runs_status", "status"),
+        Index("ix_runs_sweep", "sweep"),
         CheckConstraint(
             "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")", name="status"
         ),
@@ -125,6 +133,21 @@ class Run(Base):
     last_checkpoint: Mapped[str | None] = mapped_column(Text)
     last_step: Mapped[int | None] = mapped_column(Integer)
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
+    # The job side (revision 0005): which sweep queued it, which process holds it and when that
+    # process last showed it was alive, how often it was started and why earlier attempts ended.
+    sweep: Mapped[str | None] = mapped_column(String(128))
+    owner: Mapped[str | None] = mapped_column(String(256))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failures: Mapped[list[dict[str, Any]] | None] = mapped_column(NullableJSON)
+    # How it executes (output root, data folder, retries, micro-batch after an OOM): never hashed.
+    execution: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
+    # Live progress of the attempt now running (stage, step, total, loss), for `moebench jobs`.
+    progress: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
+    # One digest of the data files read and the training rows drawn (details: artifact "data").
+    data_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
 def _run_fk() -> Any:

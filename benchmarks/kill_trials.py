@@ -1,0 +1,569 @@
+"""Kill trials: does a sweep survive SIGKILL, of itself or of one worker, without a trace?
+
+Acceptance (from the issue): SIGKILL of the sweep process at random moments, at least 20 trials
+over a 4-job tiny sweep, and at least 10 trials killing a worker subprocess; every job ends
+`done` exactly once; the adapters of resumed jobs equal those of an uninterrupted sweep bitwise
+on CPU; metric and prediction row counts equal the uninterrupted sweep's.
+
+Why it is built this way:
+
+* The reference is the same command run without interruption, in its own fresh store and output
+  root. With `--reference-runs 2` it runs twice and the second must equal the first: if two
+  clean sweeps differ, a difference after a kill would prove nothing.
+* Sweep-kill trial: a fresh store and output root; `moebench sweep` is started as a subprocess in
+  its own session, SIGKILLed after a random delay drawn over the reference's wall time, started
+  again (1 to 3 kills a trial), and finally left to finish. One second after each kill /proc is
+  searched for a `moebench.worker` still naming the killed process as `--parent`: workers must
+  die with their sweep.
+* Worker-kill trial: the sweep runs once; when a job is running, a delay is drawn over that job's
+  reference duration (from its claim, so it may land in loading, training, checkpointing or
+  scoring), and the process named in the job's `owner` is SIGKILLed, after checking that it is a
+  worker of this sweep. The sweep is not touched; its pool must start a worker that resumes it.
+* The checks read the SQLite file with the standard library's sqlite3, not through moebench: a
+  bug in the store code cannot then hide itself. Per job: status `done`, one row per spec hash,
+  adapter tensors `torch.equal` to the reference job of the same `config_hash`, metric and
+  prediction row counts equal, and (beyond the acceptance) their contents equal.
+* Where each kill landed is recorded from the store right after it: each running job's last
+  checkpoint step, scored sets and heartbeat stage (the stage is up to one heartbeat old).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+MOEBENCH = Path(sys.executable).with_name("moebench")
+DEFAULT_SETS = ("train.max_steps=8", "train.checkpoint_every=2")
+SWEEP_TIMEOUT_S = 600.0  # one invocation; far above a tiny sweep's minute: past it, a hang
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The sweep every trial runs: same file, overrides and worker count as the reference."""
+
+    sweep_file: Path
+    sets: tuple[str, ...]
+    workers: int
+
+    def command(self, root: Path) -> list[str]:
+        cmd = [str(MOEBENCH), "sweep", str(self.sweep_file), "--db", db_url(root)]
+        cmd += ["--output-dir", str(root / "out"), "--workers", str(self.workers)]
+        for s in self.sets:
+            cmd += ["--set", s]
+        return cmd
+
+
+@dataclass
+class Reference:
+    """What an uninterrupted sweep produced, per spec hash."""
+
+    wall_s: float
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def db_url(root: Path) -> str:
+    return f"sqlite:///{root / 'store.db'}"
+
+
+# --- processes --------------------------------------------------------------------------------
+
+_LIVE: list[subprocess.Popen[bytes]] = []  # sweeps this script started, killed on the way out
+
+
+def start_sweep(setup: Setup, root: Path, n: int) -> subprocess.Popen[bytes]:
+    """Start one invocation; its own session, so stopping this script stops it and its workers."""
+    log = (root / f"sweep-{n}.log").open("wb")
+    p = subprocess.Popen(
+        setup.command(root),
+        cwd=root,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    _LIVE.append(p)
+    return p
+
+
+def finish(p: subprocess.Popen[bytes], timeout: float = SWEEP_TIMEOUT_S) -> int | None:
+    """Wait for an invocation; None (and the process group killed) if it hung."""
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return None
+    finally:
+        _LIVE.remove(p)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return []
+    return [] if state == "Z" else raw.decode(errors="replace").split("\0")
+
+
+def workers_of(parent: int) -> list[int]:
+    """Live (not zombie) `moebench.worker` processes started by the sweep with pid `parent`."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        args = _cmdline(int(d.name))
+        is_worker = "moebench.worker" in args and "--parent" in args
+        if is_worker and args[args.index("--parent") + 1] == str(parent):
+            found.append(int(d.name))
+    return found
+
+
+def owner_pid(owner: str | None) -> int | None:
+    """The pid in an owner id `host:pid:token`."""
+    parts = (owner or "").split(":")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+# --- reading the store ------------------------------------------------------------------------
+
+
+def _query(root: Path, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    path = root / "store.db"
+    if not path.is_file():
+        return []
+    con = sqlite3.connect(path, timeout=10)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(sql, args)]
+    except sqlite3.OperationalError as e:  # not migrated yet (a kill before the tables exist)
+        if "no such table" in str(e):
+            return []
+        raise
+    finally:
+        con.close()
+
+
+def read_runs(root: Path) -> list[dict[str, Any]]:
+    rows = _query(root, "SELECT * FROM runs ORDER BY id")
+    for r in rows:
+        for key in ("failures", "progress"):
+            r[key] = json.loads(r[key]) if r[key] else None
+    return rows
+
+
+def _ts(text: str | None) -> float | None:
+    """A stored timestamp (naive UTC text) as seconds since the epoch."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() if text else None
+
+
+def _contents(root: Path, table: str, run_id: int) -> list[tuple[str, ...]]:
+    """A run's rows of `table` without ids and times, sorted: what must match the reference."""
+    rows = _query(root, f"SELECT * FROM {table} WHERE run_id = ?", (run_id,))
+    skip = {"id", "run_id", "created_at"}
+    return sorted(tuple(f"{k}={v}" for k, v in r.items() if k not in skip) for r in rows)
+
+
+def job_record(root: Path, run: dict[str, Any]) -> dict[str, Any]:
+    metrics = _contents(root, "metrics", run["id"])
+    preds = _contents(root, "predictions", run["id"])
+    return {
+        "id": run["id"],
+        "status": run["status"],
+        "adapter": str(Path(run["output_dir"] or "-") / "adapter" / "adapter.safetensors"),
+        "metrics": metrics,
+        "predictions": preds,
+        "duration_s": (_ts(run["finished_at"]) or 0.0) - (_ts(run["started_at"]) or 0.0),
+    }
+
+
+def landing(root: Path) -> list[str]:
+    """Where a kill found the sweep: each running job's checkpoint step, scored sets, stage."""
+    runs = read_runs(root)
+    if not runs:
+        return ["no store yet (before queueing)"]
+    out = []
+    for r in runs:
+        if r["status"] != "running":
+            continue
+        sets = _query(
+            root, "SELECT COUNT(DISTINCT task) AS n FROM metrics WHERE run_id = ?", (r["id"],)
+        )[0]["n"]
+        stage = (r["progress"] or {}).get("stage", "loading")
+        out.append(f"job {r['id']}: ckpt {r['last_step'] or 0}, {sets} sets scored, {stage}")
+    done = sum(r["status"] == "done" for r in runs)
+    return out or [f"no job running ({done} done, {len(runs)} queued in all)"]
+
+
+def verify(root: Path, ref: Reference) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every problem with a finished trial's store against the reference, and per-job facts."""
+    runs = read_runs(root)
+    problems = []
+    counts = Counter(r["config_hash"] for r in runs)
+    for h, n in counts.items():
+        if n != 1:
+            problems.append(f"spec {h[:12]} has {n} rows")
+    for h in set(ref.jobs) - set(counts):
+        problems.append(f"spec {h[:12]} is missing")
+    jobs = []
+    for r in runs:
+        want = ref.jobs.get(r["config_hash"])
+        got = job_record(root, r)
+        kinds = [f["kind"] for f in r["failures"] or []]
+        jobs.append({"id": r["id"], "attempts": r["attempts"], "failures": kinds})
+        if want is None:
+            problems.append(f"job {r['id']}: spec {r['config_hash'][:12]} not in the reference")
+            continue
+        if r["status"] != "done":
+            problems.append(f"job {r['id']} ended {r['status']}: {r['status_reason']}")
+            continue
+        problems += [f"job {r['id']}: {p}" for p in _compare(got, want)]
+    return problems, jobs
+
+
+def _compare(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    problems = []
+    for table in ("metrics", "predictions"):
+        if len(got[table]) != len(want[table]):
+            problems.append(f"{len(got[table])} {table} rows, reference {len(want[table])}")
+        elif got[table] != want[table]:
+            problems.append(f"{table} rows differ in content from the reference")
+    try:
+        a, b = load_file(got["adapter"]), load_file(want["adapter"])
+    except (OSError, RuntimeError) as e:  # safetensors raises its own error on a torn file
+        return [*problems, f"adapter unreadable: {e}"]
+    if a.keys() != b.keys():
+        problems.append("adapter tensor names differ from the reference")
+    elif not all(torch.equal(a[k], b[k]) for k in a):
+        differ = sum(not torch.equal(a[k], b[k]) for k in a)
+        problems.append(f"adapter differs from the reference in {differ} of {len(a)} tensors")
+    return problems
+
+
+# --- trials -----------------------------------------------------------------------------------
+
+
+def reference(setup: Setup, root: Path) -> Reference:
+    root.mkdir(parents=True)
+    t0 = time.monotonic()
+    rc = finish(start_sweep(setup, root, 0))
+    wall = time.monotonic() - t0
+    runs = read_runs(root)
+    if rc != 0 or not runs or any(r["status"] != "done" for r in runs):
+        raise SystemExit(f"reference sweep failed (rc {rc}); see {root}/sweep-0.log")
+    return Reference(wall, {r["config_hash"]: job_record(root, r) for r in runs})
+
+
+def sweep_trial(setup: Setup, ref: Reference, rng: random.Random, root: Path) -> dict[str, Any]:
+    """Kill the sweep 1-3 times at random delays, then let it finish; check the store."""
+    root.mkdir(parents=True)
+    delays = [round(rng.uniform(0.5, ref.wall_s), 2) for _ in range(rng.randint(1, 3))]
+    kills: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    rc: int | None = None
+    for n, delay in enumerate(delays):
+        p = start_sweep(setup, root, n)
+        try:
+            rc = p.wait(timeout=delay)  # finished before the kill: the trial ends here
+            _LIVE.remove(p)
+            kills.append({"delay_s": delay, "landed": False})
+            break
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            _LIVE.remove(p)
+        time.sleep(1.0)
+        stray = workers_of(p.pid)
+        for pid in stray:  # report, then clear them away so the next invocation starts clean
+            os.kill(pid, signal.SIGKILL)
+        kills.append({"delay_s": delay, "landed": True, "at": landing(root), "stray": stray})
+    else:
+        rc = finish(start_sweep(setup, root, len(delays)))
+    wall = time.monotonic() - t0
+    problems, jobs = verify(root, ref)
+    if rc != 0:
+        problems.append(f"last invocation exited {'by timeout (hang)' if rc is None else rc}")
+    problems += [f"stray workers {k['stray']} after a kill" for k in kills if k.get("stray")]
+    return {
+        "kind": "sweep",
+        "kills": kills,
+        "rc": rc,
+        "wall_s": round(wall, 1),
+        "jobs": jobs,
+        "problems": problems,
+    }
+
+
+def _pick_target(
+    root: Path, ref: Reference, rng: random.Random, parent: int
+) -> dict[str, Any] | None:
+    """A running job held by a live worker of this sweep, and when (epoch s) to kill it."""
+    running = [
+        r
+        for r in read_runs(root)
+        if r["status"] == "running" and owner_pid(r["owner"]) in workers_of(parent)
+    ]
+    if not running:
+        return None
+    r = rng.choice(running)
+    delay = rng.uniform(0.0, 0.9 * ref.jobs[r["config_hash"]]["duration_s"])
+    return {
+        "id": r["id"],
+        "owner": r["owner"],
+        "delay_s": round(delay, 2),
+        "at": (_ts(r["started_at"]) or time.time()) + delay,
+    }
+
+
+def worker_trial(setup: Setup, ref: Reference, rng: random.Random, root: Path) -> dict[str, Any]:
+    """SIGKILL the worker holding a running job at a random point of it; the sweep carries on."""
+    root.mkdir(parents=True)
+    t0 = time.monotonic()
+    p = start_sweep(setup, root, 0)
+    target: dict[str, Any] | None = None
+    kill: dict[str, Any] | None = None
+    missed = 0
+    while p.poll() is None and time.monotonic() - t0 < SWEEP_TIMEOUT_S:
+        time.sleep(POLL_S)
+        if kill is not None:
+            row = next(r for r in read_runs(root) if r["id"] == kill["job"])
+            if "reclaimed_after_s" not in kill and row["owner"] not in (None, kill["owner"]):
+                kill["reclaimed_after_s"] = round(time.time() - kill["epoch"], 2)
+            continue
+        if target is None:
+            target = _pick_target(root, ref, rng, p.pid)
+            continue
+        if time.time() < target["at"]:
+            continue
+        row = next(r for r in read_runs(root) if r["id"] == target["id"])
+        pid = owner_pid(row["owner"])
+        if row["status"] != "running" or row["owner"] != target["owner"] or pid is None:
+            missed, target = missed + 1, None  # it ended first: draw again on a running job
+            continue
+        if pid not in workers_of(p.pid):  # never signal a process this sweep did not start
+            missed, target = missed + 1, None
+            continue
+        where = landing(root)
+        os.kill(pid, signal.SIGKILL)
+        kill = {
+            "job": target["id"],
+            "owner": target["owner"],
+            "delay_s": target["delay_s"],
+            "epoch": time.time(),
+            "at": [w for w in where if w.startswith(f"job {target['id']}:")],
+        }
+    rc = finish(p, max(1.0, SWEEP_TIMEOUT_S - (time.monotonic() - t0)))
+    wall = time.monotonic() - t0
+    problems, jobs = verify(root, ref)
+    if rc != 0:
+        problems.append(f"sweep exited {'by timeout (hang)' if rc is None else rc}")
+    if kill is None:
+        problems.append(f"no kill landed ({missed} targets ended first)")
+    else:
+        killed = next(j for j in jobs if j["id"] == kill["job"])
+        if killed["attempts"] < 2 or "died" not in killed["failures"]:
+            problems.append(
+                f"killed job {kill['job']}: attempts {killed['attempts']}, "
+                f"failures {killed['failures']} (expected >= 2 and a 'died')"
+            )
+        kill.pop("epoch")
+    return {
+        "kind": "worker",
+        "kill": kill,
+        "missed": missed,
+        "rc": rc,
+        "wall_s": round(wall, 1),
+        "jobs": jobs,
+        "problems": problems,
+    }
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git": f"{sha}{' + uncommitted changes' if dirty else ''}",
+    }
+
+
+def _describe(t: dict[str, Any]) -> str:
+    if t["kind"] == "sweep":
+        kills = [
+            f"{k['delay_s']:.1f}s" + ("" if k["landed"] else " (finished first)")
+            for k in t["kills"]
+        ]
+        return ", ".join(kills)
+    k = t["kill"]
+    return f"job {k['job']} +{k['delay_s']:.1f}s" if k else "none"
+
+
+def print_summary(trials: list[dict[str, Any]], ref: Reference) -> None:
+    print(
+        f"\nreference sweep: {ref.wall_s:.1f} s; jobs "
+        + ", ".join(f"{j['id']}: {j['duration_s']:.1f} s" for j in ref.jobs.values())
+    )
+    print(
+        f"{'#':>3} {'kind':6} {'kills (delay after start / claim)':44} {'wall s':>7} "
+        f"{'attempts':>9}  outcome"
+    )
+    for i, t in enumerate(trials, 1):
+        attempts = "/".join(str(j["attempts"]) for j in t["jobs"])
+        outcome = "pass" if not t["problems"] else "FAIL: " + "; ".join(t["problems"])
+        print(
+            f"{i:>3} {t['kind']:6} {_describe(t):44} {t['wall_s']:>7.1f} {attempts:>9}  {outcome}"
+        )
+        where = [w for k in t.get("kills", []) for w in k.get("at", [])]
+        where += (t.get("kill") or {}).get("at", [])
+        for w in where:
+            print(f"{'':11}{w}")
+    for kind, need in (("sweep", "sweep-kill"), ("worker", "worker-kill")):
+        ts = [t for t in trials if t["kind"] == kind]
+        landed = [t for t in ts if t.get("kill") or any(k["landed"] for k in t.get("kills", []))]
+        ok = [t for t in ts if not t["problems"]]
+        print(f"{need}: {len(ok)} of {len(ts)} trials pass; {len(landed)} had a kill land")
+    reclaim = [
+        t["kill"]["reclaimed_after_s"]
+        for t in trials
+        if t.get("kill") and "reclaimed_after_s" in t["kill"]
+    ]
+    if reclaim:
+        print(
+            f"killed job claimed again after: median {statistics.median(reclaim):.2f} s, "
+            f"max {max(reclaim):.2f} s"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sweep-file", type=Path, default=REPO / "examples/sweeps/smoke.yaml")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=None,
+        help=f"sweep override (repeatable) [default: {' '.join(DEFAULT_SETS)}]",
+    )
+    ap.add_argument("--workers", type=int, default=2, help="worker slots of the sweep")
+    ap.add_argument("--trials-sweep", type=int, default=20)
+    ap.add_argument("--trials-worker", type=int, default=10)
+    ap.add_argument(
+        "--reference-runs",
+        type=int,
+        default=2,
+        help="uninterrupted sweeps; from the second on each must equal the first",
+    )
+    ap.add_argument("--quick", action="store_true", help="3 sweep-kill and 2 worker-kill trials")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work-dir", type=Path, default=None, help="[default: a temporary folder]")
+    ap.add_argument("--keep", action="store_true", help="keep passing trials' folders too")
+    ap.add_argument("--out", type=Path, default=None, help="JSON result file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.trials_sweep, args.trials_worker, args.reference_runs = 3, 2, 1
+    setup = Setup(args.sweep_file.resolve(), tuple(args.sets or DEFAULT_SETS), args.workers)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="kill-trials-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    info = {
+        "machine": machine(),
+        "command": " ".join(setup.command(Path("ROOT"))),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    print(f"work dir {work}\n{info['command']}", flush=True)
+    t0 = time.monotonic()
+    try:
+        ref = reference(setup, work / "reference-0")
+        checks = []
+        for n in range(1, args.reference_runs):
+            problems, _ = verify(_run_again(setup, work / f"reference-{n}"), ref)
+            checks.append(problems)
+            print(f"reference {n} vs 0: {problems or 'equal'}", flush=True)
+        plan = ["sweep"] * args.trials_sweep + ["worker"] * args.trials_worker
+        trials = []
+        for i, kind in enumerate(plan, 1):
+            root = work / f"trial-{i:02d}-{kind}"
+            trial = (sweep_trial if kind == "sweep" else worker_trial)(setup, ref, rng, root)
+            trials.append(trial)
+            print(
+                f"trial {i}/{len(plan)} {kind}: {_describe(trial)}, {trial['wall_s']} s, "
+                f"{'pass' if not trial['problems'] else trial['problems']}",
+                flush=True,
+            )
+            if not trial["problems"] and not args.keep:
+                _remove(root)
+    finally:
+        for p in list(_LIVE):  # interrupted: stop what this script started, and its workers
+            os.killpg(p.pid, signal.SIGKILL)
+    print_summary(trials, ref)
+    info["machine"]["loadavg_end"] = os.getloadavg()
+    info["total_wall_s"] = round(time.monotonic() - t0, 1)
+    info["reference"] = {
+        "wall_s": round(ref.wall_s, 1),
+        "self_checks": checks,
+        "jobs": {
+            h: {
+                "id": j["id"],
+                "duration_s": round(j["duration_s"], 2),
+                "metrics": len(j["metrics"]),
+                "predictions": len(j["predictions"]),
+            }
+            for h, j in ref.jobs.items()
+        },
+    }
+    info["trials"] = trials
+    print(f"total {info['total_wall_s']:.0f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(info, indent=1))
+    return 0 if all(not t["problems"] for t in trials) and not any(checks) else 1
+
+
+def _run_again(setup: Setup, root: Path) -> Path:
+    root.mkdir(parents=True)
+    rc = finish(start_sweep(setup, root, 0))
+    if rc != 0:
+        raise SystemExit(f"reference sweep failed (rc {rc}); see {root}/sweep-0.log")
+    return root
+
+
+def _remove(root: Path) -> None:
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

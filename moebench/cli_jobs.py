@@ -1,0 +1,351 @@
+"""`moebench sweep`, `moebench worker` and `moebench jobs`: the queue from the terminal.
+
+Display only; queueing lives in moebench.runner.submit, claiming in moebench.store.jobs and the
+worker pool in moebench.worker. Registered on the main app by moebench.cli.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from moebench.cli import DbOpt, _setup_logging, app, console, err
+from moebench.config import parse_sets
+from moebench.errors import ConfigError, NotFoundError
+
+jobs_app = typer.Typer(
+    help="The job queue: list, show (with log tail), cancel and retry jobs.",
+    invoke_without_command=True,
+)
+app.add_typer(jobs_app, name="jobs")
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="key=value applied to every job, over the sweep file's `set`."),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(help="Jobs at once on a CPU [default: one per visible GPU, else 1]."),
+]
+
+
+def open_existing(db: str | None) -> Any:
+    """The store for a read command: a SQLite file that does not exist is not created."""
+    from sqlalchemy.engine import make_url
+
+    from moebench import store
+
+    url = store.resolve_db_url(db)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database).expanduser()
+        if not path.is_file():
+            raise NotFoundError(
+                f"There is no results database at '{path}'; `moebench run` or `moebench sweep` "
+                "creates one (or pass --db)."
+            )
+    return store.open_store(url)
+
+
+@app.command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="Sweep file (YAML): axes, set, methods, include.")],
+    set_: SetOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the expanded jobs; queue and run nothing.")
+    ] = False,
+    workers: WorkersOpt = None,
+    db: DbOpt = None,
+    data_dir: Annotated[str | None, typer.Option(help="LLM-Adapters-style data folder.")] = None,
+    output_dir: Annotated[
+        str | None, typer.Option(help="Root of run outputs [default: results/runs].")
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Queue again the jobs that failed earlier.")
+    ] = False,
+    queue_only: Annotated[
+        bool, typer.Option("--queue-only", help="Queue the missing jobs and stop (no workers).")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
+) -> None:
+    """Expand a sweep file into jobs, queue the missing ones, and work the queue until empty."""
+    from moebench.sweep import load_sweep
+    from moebench.sweep_estimate import estimate
+
+    _setup_logging(verbose)
+    plan = load_sweep(file, parse_sets(set_ or []))
+    if dry_run:
+        _print_plan(plan, [estimate(j, data_dir) for j in plan.jobs])
+        return
+    _queue(plan, db, data_dir, output_dir, retry_failed)
+    if queue_only:
+        return
+    _work(db, plan.name, workers if workers is not None else plan.execution.workers)
+    _print_outcome(db, plan.name)
+
+
+def _print_plan(plan: Any, estimates: list[dict[str, Any]]) -> None:
+    table = Table(title=f"sweep {plan.name}: {len(plan.jobs)} jobs", title_justify="left")
+    for col in ("#", "job", "spec hash", "trainable", "steps", "line"):
+        table.add_column(col)
+    for i, (job, est) in enumerate(zip(plan.jobs, estimates, strict=True), 1):
+        trainable = est["trainable_params"]
+        table.add_row(
+            str(i),
+            escape(job.label),
+            job.spec.hash[:12],
+            f"{trainable:,}" if trainable is not None else "after preparation",
+            str(est["steps"]) if est["steps"] is not None else "data not here",
+            str(job.line),
+        )
+    console.print(table)
+
+
+def _queue(
+    plan: Any, db: str | None, data_dir: str | None, output_dir: str | None, retry: bool
+) -> list[int]:
+    """Queue the sweep's jobs that the store does not hold yet; nothing if any is unusable."""
+    from moebench import store
+    from moebench.runner import RunEnv, submit
+    from moebench.store import jobs as q
+    from moebench.suites import get_suite
+    from moebench.suites import resolve as resolve_suite
+
+    for suite, tasks in {(j.spec.suite, j.spec.eval.tasks) for j in plan.jobs}:
+        resolve_suite(get_suite(suite), data_dir, tasks)  # missing data: one sentence, no job
+    s = store.open_store(db)
+    have = q.find_jobs(s, [j.spec.hash for j in plan.jobs])
+    env = RunEnv(db=db, data_dir=data_dir, output_dir=output_dir)
+    new, kept = [], []
+    for job in plan.jobs:
+        old = have.get(job.spec.hash)
+        if old is None:
+            execution = {"retries": plan.execution.retries, "label": job.label}
+            new.append(
+                submit(s, job.spec, env, budget=job.budget, sweep=plan.name, execution=execution)
+            )
+        elif retry and old["status"] in ("failed", "cancelled"):
+            q.requeue(s, old["id"], "queued again by `moebench sweep --retry-failed`")
+            new.append(old["id"])
+        else:
+            kept.append(old)
+    counts: dict[str, int] = {}
+    for old in kept:
+        counts[old["status"]] = counts.get(old["status"], 0) + 1
+    held = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()))
+    console.print(
+        f"sweep {plan.name}: {len(plan.jobs)} jobs; queued {len(new)} new"
+        + (f"; already in {s.display_url}: {held}" if kept else "")
+    )
+    if counts.get("failed"):
+        console.print("[yellow]failed jobs are not rerun; --retry-failed queues them again[/]")
+    return new
+
+
+def _work(db: str | None, sweep_name: str | None, workers: int | None) -> None:
+    from moebench.worker import plan_slots, work_queue
+
+    s = open_existing(db)
+    slots = plan_slots(workers)
+    console.print(
+        f"working the queue with {len(slots)} worker(s): {', '.join(x.name for x in slots)}"
+    )
+
+    def refresh() -> Table:
+        return jobs_table(s, sweep_name)
+
+    with Live(refresh(), console=console, refresh_per_second=2) as live:
+        try:
+            work_queue(
+                db,
+                sweep=sweep_name,
+                slots=slots,
+                on_tick=lambda: live.update(jobs_table(s, sweep_name)),
+            )
+        except KeyboardInterrupt:
+            live.update(jobs_table(s, sweep_name))
+            err.print(
+                "Interrupted: running jobs are marked interrupted with their last checkpoint; "
+                "run the same command again to resume them."
+            )
+            raise typer.Exit(130) from None
+
+
+def _print_outcome(db: str | None, sweep_name: str) -> None:
+    from moebench.store import jobs as q
+
+    rows = q.list_jobs(open_existing(db), sweep=sweep_name)
+    failed = [r for r in rows if r["status"] == "failed"]
+    done = sum(r["status"] == "done" for r in rows)
+    console.print(f"sweep {sweep_name}: {done} of {len(rows)} jobs done")
+    for r in failed:
+        err.print(f"job {r['id']} failed: {escape(r['status_reason'] or '')}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    db: DbOpt = None,
+    sweep_name: Annotated[
+        str | None, typer.Option("--sweep", help="Only this sweep's jobs [default: any job].")
+    ] = None,
+    workers: WorkersOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
+) -> None:
+    """Join a queue (from another shell or machine) and work it until it is empty."""
+    _setup_logging(verbose)
+    _work(db, sweep_name, workers)
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+def _eta(row: dict[str, Any], now: datetime) -> str:
+    p = row.get("progress") or {}
+    step, total, started = p.get("step"), p.get("total_steps"), row.get("started_at")
+    if row["status"] != "running" or not step or not total or started is None:
+        return ""
+    done = step - (row.get("resumed_from_step") or 0)
+    if done <= 0:
+        return ""
+    left = (now - started).total_seconds() / done * (total - step)
+    return f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
+
+
+def _progress_cell(row: dict[str, Any]) -> str:
+    p = row.get("progress") or {}
+    stage = p.get("stage", "")
+    if stage.startswith("eval") and row["status"] == "running":
+        return f"{stage} {p.get('done', 0)}/{p.get('items', '?')}"
+    if "step" in p:
+        return f"{p['step']}/{p.get('total_steps', '?')}"
+    return ""
+
+
+def jobs_table(s: Any, sweep_name: str | None, status: str | None = None) -> Table:
+    """The live view: one row per job, with step, loss, ETA and why it stopped."""
+    from moebench.store import jobs as q
+
+    rows = q.list_jobs(s, sweep=sweep_name, status=status)
+    now = q.utcnow()
+    title = f"jobs{f' of sweep {sweep_name}' if sweep_name else ''} in {s.display_url}"
+    table = Table(title=title, title_justify="left")
+    for col in ("job", "method", "model", "seed", "status", "step", "loss", "ETA", "tries", "note"):
+        table.add_column(col)
+    for r in rows:
+        loss = (r.get("progress") or {}).get("loss")
+        note = r["status_reason"] or ""
+        if r["status"] == "running":
+            alive = q.owner_alive(r["owner"], r["heartbeat_at"], now)
+            note = r["owner"] if alive else "owner died: will be resumed"
+        table.add_row(
+            str(r["id"]),
+            r["method"],
+            r["model"],
+            str(r["seed"]),
+            r["status"],
+            _progress_cell(r),
+            f"{loss:.4f}" if loss is not None else "",
+            _eta(r, now),
+            str(r["attempts"]),
+            escape(note[:70]),
+        )
+    return table
+
+
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context,
+    db: DbOpt = None,
+    sweep_name: Annotated[str | None, typer.Option("--sweep", help="Only this sweep.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
+) -> None:
+    """List jobs (with no subcommand), or show, cancel or retry them."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from moebench.store import RUN_STATUSES
+
+    if status is not None and status not in RUN_STATUSES:
+        raise ConfigError(f"--status {status!r} is not one of {', '.join(RUN_STATUSES)}.")
+    s = open_existing(db)
+    table = jobs_table(s, sweep_name, status)
+    if not table.row_count:
+        what = f" of sweep {sweep_name}" if sweep_name else ""
+        console.print(
+            f"The store {s.display_url} holds no jobs{what}{f' {status}' if status else ''}."
+        )
+        return
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: Annotated[int, typer.Argument(help="Job (run) id.")],
+    db: DbOpt = None,
+    lines: Annotated[int, typer.Option(help="Log lines to show.")] = 20,
+) -> None:
+    """One job: status, owner, attempts, every failure with its reason, and its log's tail."""
+    from moebench import store
+    from moebench.worker import log_path
+
+    s = open_existing(db)
+    row = store.get_run(s, job_id)
+    for key in (
+        "status",
+        "status_reason",
+        "sweep",
+        "owner",
+        "heartbeat_at",
+        "attempts",
+        "last_step",
+    ):
+        console.print(f"[bold]{key}[/]: {escape(str(row[key]))}")
+    console.print(f"[bold]execution[/]: {escape(str(row['execution']))}")
+    for f in row["failures"] or []:
+        console.print(
+            f"  attempt {f['attempt']} {escape('[' + f['kind'] + ']')} at step {f['step']}: "
+            + escape(f["reason"])
+        )
+    path = log_path(row)
+    if path.is_file():
+        tail = path.read_text(errors="replace").splitlines()[-max(lines, 0) :]
+        console.print(f"[bold]log[/] {path}:")
+        for line in tail:
+            console.print(escape(line), highlight=False)
+    else:
+        console.print(
+            f"[dim]no log at {path} (a job run by `moebench run` logs to its terminal)[/]"
+        )
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_ids: Annotated[list[int], typer.Argument(help="Job ids.")], db: DbOpt = None
+) -> None:
+    """Cancel unfinished jobs; a running one stops at its next heartbeat."""
+    from moebench.store import jobs as q
+
+    s = open_existing(db)
+    for job_id in job_ids:
+        was = q.cancel(s, job_id)
+        console.print(f"job {job_id} cancelled (was {was})")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_ids: Annotated[list[int], typer.Argument(help="Job ids.")], db: DbOpt = None
+) -> None:
+    """Queue failed, interrupted or cancelled jobs again; they resume from their checkpoints."""
+    from moebench.store import jobs as q
+
+    s = open_existing(db)
+    for job_id in job_ids:
+        q.requeue(s, job_id, "queued again by `moebench jobs retry`")
+        console.print(f"job {job_id} queued again")

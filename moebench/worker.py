@@ -1,0 +1,311 @@
+"""Workers: each job in its own process, claimed from the store's queue, retried by policy.
+
+`python -m moebench.worker --db URL [--sweep NAME]` is one job's process: it claims a job,
+writes its log to `<output root>/logs/run-<id>.log`, runs it, and on failure applies the retry
+policy (a failure is retried up to the job's `retries`; an out-of-memory failure is retried with
+half the micro-batch and twice the accumulation, the same effective batch, from step 0 since a
+checkpoint's data position counts micro-batches). It exits 0 after a job ended (however it
+ended), 3 when there was nothing to claim.
+
+`work_queue` keeps one such process per slot (a GPU, or `--workers N` on a CPU) until the queue
+is empty. To keep the gap between jobs small, a slot's next process is started while the current
+one runs: it imports torch and the rest, then waits for its predecessor to exit before it claims.
+Every process dies with the one that started it (Linux), so a killed sweep leaves no stray
+worker; its jobs are seen dead at once and resume from their checkpoints when it restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moebench.store import jobs as q
+
+log = logging.getLogger(__name__)
+
+EXIT_NOTHING = 3
+POLL_S = 0.05
+
+
+# --- one job's process -------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no stray workers)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
+
+
+def _wait_for(pid: int | None) -> None:
+    while pid and q._pid_exists(pid):
+        time.sleep(POLL_S)
+
+
+def _log_to_file(path: Path) -> None:
+    """Send this process's stdout, stderr and logging to the job's own log file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        os.dup2(fd, stream.fileno())
+    os.close(fd)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def log_path(row: dict[str, Any]) -> Path:
+    """Where a job's processes write their log (one file per job, attempts appended)."""
+    root = Path((row.get("execution") or {}).get("output_root") or "results/runs")
+    return root / "logs" / f"run-{row['id']}.log"
+
+
+def work_one(db_url: str | None, *, sweep: str | None = None, after_pid: int | None = None) -> int:
+    """Claim one job and work it in this process; the exit code `main` returns."""
+    import torch  # imported before waiting, so the gap between jobs holds no import time
+
+    from moebench import runner
+    from moebench import store as db
+    from moebench.liveness import JobLost
+
+    _wait_for(after_pid)
+    store = db.open_store(db_url)
+    owner = q.new_owner()
+    row = q.claim(store, owner, sweep=sweep)
+    if row is None:
+        return EXIT_NOTHING
+    _log_to_file(log_path(row))
+    log.info("attempt %d of run %d as %s", row["attempts"], row["id"], owner)
+    try:
+        runner.run_claimed(store, row, owner, runner.RunEnv(db=db_url))
+    except JobLost as e:
+        log.warning("%s", e)
+    except KeyboardInterrupt:
+        log.warning("run %d interrupted", row["id"])
+        return 130
+    except torch.OutOfMemoryError:
+        log.exception("run %d ran out of memory", row["id"])
+        retry_after_oom(store, row["id"])
+    except Exception:
+        log.exception("run %d failed", row["id"])
+        retry_after_failure(store, row["id"])
+    return 0
+
+
+def retry_after_failure(store: Any, run_id: int) -> bool:
+    """Re-queue a failed job while its failures are within its `retries`; True if re-queued."""
+    from moebench import store as db
+
+    row = db.get_run(store, run_id)
+    if row["status"] != "failed":
+        return False
+    retries = int((row.get("execution") or {}).get("retries", 0))
+    failed = [f for f in row["failures"] or [] if f["kind"] in ("error", "oom")]
+    if len(failed) > retries:
+        log.warning(
+            "run %d failed %d times; not retried (retries=%d)", run_id, len(failed), retries
+        )
+        return False
+    q.requeue(store, run_id, f"retry {len(failed)} of {retries} after: {failed[-1]['reason']}")
+    return True
+
+
+def retry_after_oom(store: Any, run_id: int) -> bool:
+    """Halve the micro-batch (doubling accumulation, same effective batch) and re-queue from
+    step 0; at micro-batch 1 there is nothing left to halve and the normal policy applies."""
+    from moebench import store as db
+    from moebench.runner import spec_of
+
+    row = db.get_run(store, run_id)
+    micro = spec_of(row).train.micro_batch_size
+    if row["status"] != "failed" or micro <= 1:
+        return retry_after_failure(store, run_id)
+    execution = dict(row.get("execution") or {})
+    execution["micro_batch_size"] = micro // 2
+    execution.setdefault("oom_retries", []).append({"from": micro, "to": micro // 2})
+    q.set_execution(store, run_id, execution)
+    if row["output_dir"]:  # checkpoints count micro-batches of the old size: set them aside
+        ckpts = Path(row["output_dir"]) / "checkpoints"
+        if ckpts.is_dir():
+            shutil.move(str(ckpts), str(ckpts.with_name(f"checkpoints-micro{micro}")))
+    q.requeue(
+        store,
+        run_id,
+        f"out of memory at micro-batch {micro}; retrying from step 0 with micro-batch "
+        f"{micro // 2} (same effective batch)",
+    )
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moebench.worker", description=__doc__)
+    parser.add_argument("--db", default=None)
+    parser.add_argument("--sweep", default=None)
+    parser.add_argument("--after-pid", type=int, default=None)
+    parser.add_argument("--parent", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.parent:
+        _die_with_parent(args.parent)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return work_one(args.db, sweep=args.sweep, after_pid=args.after_pid)
+    except KeyboardInterrupt:  # stopped while waiting its turn: nothing was claimed
+        return 130
+
+
+# --- a pool of slots -------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A worker process and the scratch file holding its output until it knows its job."""
+
+    popen: subprocess.Popen[bytes]
+    scratch: Any
+
+    def output(self) -> str:
+        self.scratch.seek(0)
+        text = self.scratch.read().decode(errors="replace")
+        self.scratch.close()
+        return text
+
+
+@dataclass
+class Slot:
+    """One worker place: a GPU (its CUDA_VISIBLE_DEVICES value) or a CPU share."""
+
+    name: str
+    gpu: str | None
+    current: Proc | None = None
+    spare: Proc | None = None
+
+
+@dataclass
+class QueueReport:
+    started: int = 0
+    ended: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+
+
+def plan_slots(workers: int | None) -> list[Slot]:
+    """One slot per visible GPU (CUDA_VISIBLE_DEVICES honoured), else `workers` CPU slots."""
+    if workers is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            gpus = [g.strip() for g in visible.split(",") if g.strip()]
+        else:
+            import torch
+
+            gpus = [str(i) for i in range(torch.cuda.device_count())]
+        if gpus:
+            return [Slot(f"gpu{g}", g) for g in gpus]
+        workers = 1
+    return [Slot(f"cpu{i}", None) for i in range(workers)]
+
+
+def _spawn(db_url: str | None, sweep: str | None, slot: Slot, after: int | None) -> Proc:
+    cmd = [sys.executable, "-m", "moebench.worker", "--parent", str(os.getpid())]
+    if db_url:
+        cmd += ["--db", db_url]
+    if sweep:
+        cmd += ["--sweep", sweep]
+    if after:
+        cmd += ["--after-pid", str(after)]
+    env = dict(os.environ)
+    if slot.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+    # Until it knows its job, a worker's output (an import error, say) goes to a scratch file
+    # the pool reads when it exits; a pipe could fill up while the worker waits its turn.
+    scratch = tempfile.TemporaryFile()  # noqa: SIM115 (closed by Proc.output)
+    popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=scratch, stderr=scratch)
+    return Proc(popen, scratch)
+
+
+def work_queue(
+    db_url: str | None,
+    *,
+    sweep: str | None,
+    slots: list[Slot],
+    on_tick: Callable[[], None] = lambda: None,
+    tick_s: float = 1.0,
+) -> QueueReport:
+    """Keep every slot busy until nothing of the queue (or sweep) is left to claim or running."""
+    from moebench import store as db
+
+    store = db.open_store(db_url)
+    report = QueueReport()
+    last_tick = 0.0
+    try:
+        while True:
+            for slot in slots:
+                _advance(slot, db_url, sweep, store, report)
+            busy = any(s.current for s in slots)
+            if not busy and not _pending(store, sweep):
+                break
+            if time.monotonic() - last_tick >= tick_s:
+                on_tick()
+                last_tick = time.monotonic()
+            time.sleep(POLL_S * 4)
+    finally:
+        procs = [p for slot in slots for p in (slot.spare, slot.current) if p is not None]
+        for p in procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(timeout=60)
+    on_tick()
+    return report
+
+
+def _advance(slot: Slot, db_url: str | None, sweep: str | None, store: Any, r: QueueReport) -> None:
+    """Reap a finished process, promote the spare, and start a spare behind the current one."""
+    if slot.current is not None and slot.current.popen.poll() is not None:
+        code = slot.current.popen.returncode
+        out = slot.current.output()
+        if code not in (0, EXIT_NOTHING):
+            log.warning("worker on %s exited %s: %s", slot.name, code, out.strip()[-2000:])
+        if code != EXIT_NOTHING:
+            r.ended += 1
+            r.exit_codes.append(code)
+        slot.current = None
+    if slot.current is None and slot.spare is not None:
+        slot.current, slot.spare = slot.spare, None
+    if slot.current is None and _claimable_now(store, sweep):
+        slot.current = _spawn(db_url, sweep, slot, None)
+        r.started += 1
+    if slot.current is not None and slot.spare is None and _claimable_now(store, sweep):
+        slot.spare = _spawn(db_url, sweep, slot, slot.current.popen.pid)
+        r.started += 1
+
+
+def _claimable_now(store: Any, sweep: str | None) -> bool:
+    return q.count_claimable(store, sweep=sweep)[0] > 0
+
+
+def _pending(store: Any, sweep: str | None) -> bool:
+    """Anything left that some process works or will: claimable, or running elsewhere."""
+    claimable, running = q.count_claimable(store, sweep=sweep)
+    return claimable + running > 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The queue: exactly one claimant per job, dead owners seen and taken over, resume refused while
+the owner lives, produced records kept apart from the spec (and moved there by migration 0005)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from moebench import store as db
+from moebench.cli import app
+from moebench.errors import ConfigError
+from moebench.runner import RunEnv, execute, resume, submit
+from moebench.runspec import resolve
+from moebench.store import jobs as q
+from moebench.store.db import migrate
+from tests.test_store import POSTGRES_ENV, _wipe_postgres
+
+SPEC = {"model": "tiny-llama", "max_steps": 4, "limit": 1}
+SETS = [("train.batch_size", "8"), ("train.checkpoint_every", "2"), ("eval.tasks", "boolq")]
+
+
+def _queue(store: db.Store, n: int, sweep: str | None = "s") -> list[int]:
+    spec = resolve(options={"model": "tiny-llama"})
+    return [submit(store, spec, RunEnv(), sweep=sweep) for _ in range(n)]
+
+
+def _claimer(url: str, start: Any, out: Any) -> None:
+    store = db.open_store(url)
+    owner = q.new_owner()
+    start.wait()
+    got = []
+    while (row := q.claim(store, owner, sweep="s")) is not None:
+        got.append(row["id"])
+        q.release(store, row["id"], owner, "done", None)
+    out.put(got)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store's URL: a SQLite file always, PostgreSQL when a scratch server is given."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'q.db'}"
+    url = os.environ.get(POSTGRES_ENV, "")
+    if not url:
+        pytest.skip(f"set {POSTGRES_ENV} to a scratch PostgreSQL database to run this")
+    _wipe_postgres(url)
+    return url
+
+
+def test_four_workers_claiming_one_queue_never_share_a_job(queue_url: str) -> None:
+    url = queue_url
+    ids = _queue(db.open_store(url), 60)
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(4), ctx.Queue()  # all four ready before any claims
+    procs = [ctx.Process(target=_claimer, args=(url, start, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    claimed = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    flat = [i for got in claimed for i in got]
+    assert sorted(flat) == ids  # every job once, none twice
+    assert sum(1 for got in claimed if got) >= 2  # they really competed
+    rows = q.list_jobs(db.open_store(url), sweep="s")
+    assert {r["status"] for r in rows} == {"done"} and {r["attempts"] for r in rows} == {1}
+
+
+def test_a_dead_owners_job_is_claimed_again_and_the_death_recorded(queue_url: str) -> None:
+    url = queue_url
+    store = db.open_store(url)
+    (run_id,) = _queue(store, 1)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from moebench import store as db; from moebench.store import jobs"
+            " as q; s = db.open_store(sys.argv[1]); q.claim(s, q.new_owner()); print('held',"
+            " flush=True); time.sleep(600)",
+            url,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    assert q.claim(store, q.new_owner()) is None  # its owner is alive: not claimable
+    assert q.count_claimable(store) == (0, 1)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    row = q.claim(store, "me:1:x")
+    assert row is not None and row["id"] == run_id and row["attempts"] == 2
+    (death,) = db.get_run(store, run_id)["failures"]
+    assert death["kind"] == "died" and str(holder.pid) in death["reason"]
+
+
+def test_a_stale_heartbeat_from_another_host_counts_as_dead() -> None:
+    now = q.utcnow()
+    fresh, stale = now, now - timedelta(seconds=q.STALE_AFTER_S + 1)
+    assert q.owner_alive("elsewhere:1:t", fresh, now)
+    assert not q.owner_alive("elsewhere:1:t", stale, now)
+    assert not q.owner_alive(None, fresh, now)
+    # on this host the pid decides at once, heartbeat or not
+    assert q.owner_alive(q.new_owner(), fresh, now)
+
+
+def test_cancel_is_seen_by_the_owners_next_heartbeat(tmp_path: Path) -> None:
+    store = db.open_store(f"sqlite:///{tmp_path / 'c.db'}")
+    (run_id,) = _queue(store, 1)
+    owner = q.new_owner()
+    assert q.claim(store, owner) is not None
+    assert q.heartbeat(store, run_id, owner, progress={"step": 1})
+    assert q.cancel(store, run_id) == "running"
+    assert not q.heartbeat(store, run_id, owner)
+    assert db.get_run(store, run_id)["status"] == "cancelled"
+    with pytest.raises(ConfigError, match="only an unfinished job"):
+        q.cancel(store, run_id)
+
+
+def test_resume_of_a_run_whose_owner_is_alive_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    store = db.open_store(url)
+    (run_id,) = _queue(store, 1, sweep=None)
+    assert q.claim(store, q.new_owner()) is not None  # held by this (living) process
+    with pytest.raises(ConfigError, match=f"Run {run_id} is being run right now by process"):
+        resume(run_id, RunEnv(db=url))
+    assert db.get_run(store, run_id)["status"] == "running"
+
+
+class _StopAt:
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+    def step(self, s: Any) -> None:
+        if s.step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_produced_records_live_apart_from_the_spec_and_survive_migration(tmp_path: Path) -> None:
+    """A run interrupted at head; the database taken back to revision 0004 (where `_data` and
+    `_prepared` lived in the config) and up again; the run resumes and its records are where
+    they belong, its spec clean, wall time summed over both processes."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    spec = resolve(options={**SPEC, "method": "lora-smoe"}, sets=SETS)
+    with pytest.raises(KeyboardInterrupt):
+        execute(spec, RunEnv(db=url, output_dir=str(tmp_path / "out")), _StopAt(3))
+    store = db.open_store(url)
+    (run,) = db.list_runs(store)
+    first_wall = run["wall_time_s"]
+    assert run["status"] == "interrupted" and first_wall > 0
+    assert not any(k.startswith("_") for k in run["config"])
+    produced = db.get_produced(store, run["id"])
+    assert produced.data and produced.prepared and produced.budget is None
+    migrate(store.engine, "0004")
+    with store.engine.connect() as conn:
+        config = conn.execute(text("SELECT config FROM runs")).scalar_one()
+    assert '"_data"' in config and '"_prepared"' in config
+    store = db.open_store(url)  # upgrades to head again
+    (run,) = db.list_runs(store)
+    assert not any(k.startswith("_") for k in run["config"])
+    assert run["config_hash"] == spec.hash
+    assert db.get_produced(store, run["id"]) == produced
+    assert resume(run["id"], RunEnv(db=url)) == run["id"]
+    run = db.get_run(store, run["id"])
+    assert run["status"] == "done" and run["resumed_from_step"] == 2
+    assert run["wall_time_s"] > first_wall and run["attempts"] == 2
+
+
+def test_jobs_on_a_missing_or_empty_database_say_so_in_one_sentence(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = tmp_path / "nope.db"
+    r = runner.invoke(app, ["jobs", "--db", str(missing)])
+    assert r.exit_code != 0 and isinstance(r.exception, Exception)
+    assert f"There is no results database at '{missing}'" in str(r.exception)
+    assert not missing.exists()  # a read command creates nothing
+    empty = tmp_path / "empty.db"
+    db.open_store(str(empty))
+    r = runner.invoke(app, ["jobs", "--db", str(empty)])
+    assert r.exit_code == 0 and "holds no jobs" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_jobs_list_show_cancel_retry(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'j.db'}"
+    store = db.open_store(url)
+    a, b = _queue(store, 2)
+    runner = CliRunner()
+    r = runner.invoke(app, ["jobs", "--db", url])
+    assert r.exit_code == 0 and r.output.count("queued") == 2
+    r = runner.invoke(app, ["jobs", "cancel", str(a), "--db", url])
+    assert r.exit_code == 0 and f"job {a} cancelled (was queued)" in r.output
+    r = runner.invoke(app, ["jobs", "retry", str(a), "--db", url])
+    assert r.exit_code == 0 and db.get_run(store, a)["status"] == "queued"
+    q.add_failure(store, b, kind="error", reason="boom in step 3")
+    r = runner.invoke(app, ["jobs", "show", str(b), "--db", url])
+    assert r.exit_code == 0 and "[error]" in r.output and "boom in step 3" in r.output
