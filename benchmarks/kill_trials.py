@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -52,7 +53,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 MOEBENCH = Path(sys.executable).with_name("moebench")
-DEFAULT_SETS = ("train.max_steps=8", "train.checkpoint_every=2")
+DEFAULT_SETS = ("train.max_steps=40", "train.checkpoint_every=4")
 SWEEP_TIMEOUT_S = 600.0  # one invocation; far above a tiny sweep's minute: past it, a hang
 POLL_S = 0.1
 
@@ -64,6 +65,12 @@ class Setup:
     sweep_file: Path
     sets: tuple[str, ...]
     workers: int
+    threads: int
+
+    def env(self) -> dict[str, str]:
+        """One torch thread per worker by default: on a small shared machine, workers with
+        several threads each stall at OpenMP barriers whenever another process holds a core."""
+        return {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
 
     def command(self, root: Path) -> list[str]:
         cmd = [str(MOEBENCH), "sweep", str(self.sweep_file), "--db", db_url(root)]
@@ -100,6 +107,7 @@ def start_sweep(setup: Setup, root: Path, n: int) -> subprocess.Popen[bytes]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=setup.env(),
     )
     log.close()
     _LIVE.append(p)
@@ -210,10 +218,10 @@ def landing(root: Path) -> list[str]:
         sets = _query(
             root, "SELECT COUNT(DISTINCT task) AS n FROM metrics WHERE run_id = ?", (r["id"],)
         )[0]["n"]
-        stage = (r["progress"] or {}).get("stage", "loading")
+        stage = (r["progress"] or {}).get("stage", "no heartbeat progress yet")
         out.append(f"job {r['id']}: ckpt {r['last_step'] or 0}, {sets} sets scored, {stage}")
     done = sum(r["status"] == "done" for r in runs)
-    return out or [f"no job running ({done} done, {len(runs)} queued in all)"]
+    return out or [f"no job running ({done} of {len(runs)} done)"]
 
 
 def verify(root: Path, ref: Reference) -> tuple[list[str], list[dict[str, Any]]]:
@@ -231,7 +239,14 @@ def verify(root: Path, ref: Reference) -> tuple[list[str], list[dict[str, Any]]]
         want = ref.jobs.get(r["config_hash"])
         got = job_record(root, r)
         kinds = [f["kind"] for f in r["failures"] or []]
-        jobs.append({"id": r["id"], "attempts": r["attempts"], "failures": kinds})
+        jobs.append(
+            {
+                "id": r["id"],
+                "attempts": r["attempts"],
+                "failures": kinds,
+                "resumed_from_step": r["resumed_from_step"],
+            }
+        )
         if want is None:
             problems.append(f"job {r['id']}: spec {r['config_hash'][:12]} not in the reference")
             continue
@@ -315,25 +330,21 @@ def sweep_trial(setup: Setup, ref: Reference, rng: random.Random, root: Path) ->
     }
 
 
-def _pick_target(
-    root: Path, ref: Reference, rng: random.Random, parent: int
-) -> dict[str, Any] | None:
-    """A running job held by a live worker of this sweep, and when (epoch s) to kill it."""
-    running = [
-        r
-        for r in read_runs(root)
-        if r["status"] == "running" and owner_pid(r["owner"]) in workers_of(parent)
-    ]
-    if not running:
-        return None
-    r = rng.choice(running)
-    delay = rng.uniform(0.0, 0.9 * ref.jobs[r["config_hash"]]["duration_s"])
-    return {
-        "id": r["id"],
-        "owner": r["owner"],
-        "delay_s": round(delay, 2),
-        "at": (_ts(r["started_at"]) or time.time()) + delay,
-    }
+def _pick_target(ref: Reference, rng: random.Random, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One job not done yet (any of them, so lora and loracoe, first and second in their slot,
+    are all hit) and a delay after its claim, drawn over its reference duration."""
+    done = {r["config_hash"] for r in runs if r["status"] == "done"}
+    spec = rng.choice(sorted(set(ref.jobs) - done))
+    delay = rng.uniform(0.0, 0.9 * ref.jobs[spec]["duration_s"])
+    return {"spec": spec, "delay_s": round(delay, 2)}
+
+
+def _arm(target: dict[str, Any], runs: list[dict[str, Any]], parent: int) -> None:
+    """Once the target job runs under a live worker of this sweep, fix whom to kill and when."""
+    row = next((r for r in runs if r["config_hash"] == target["spec"]), None)
+    if row and row["status"] == "running" and owner_pid(row["owner"]) in workers_of(parent):
+        target["id"], target["owner"] = row["id"], row["owner"]
+        target["at"] = (_ts(row["started_at"]) or time.time()) + target["delay_s"]
 
 
 def worker_trial(setup: Setup, ref: Reference, rng: random.Random, root: Path) -> dict[str, Any]:
@@ -346,23 +357,26 @@ def worker_trial(setup: Setup, ref: Reference, rng: random.Random, root: Path) -
     missed = 0
     while p.poll() is None and time.monotonic() - t0 < SWEEP_TIMEOUT_S:
         time.sleep(POLL_S)
+        runs = read_runs(root)
         if kill is not None:
-            row = next(r for r in read_runs(root) if r["id"] == kill["job"])
+            row = next(r for r in runs if r["id"] == kill["job"])
             if "reclaimed_after_s" not in kill and row["owner"] not in (None, kill["owner"]):
                 kill["reclaimed_after_s"] = round(time.time() - kill["epoch"], 2)
             continue
         if target is None:
-            target = _pick_target(root, ref, rng, p.pid)
+            if runs and any(r["status"] != "done" for r in runs):
+                target = _pick_target(ref, rng, runs)
+            continue
+        if "owner" not in target:
+            _arm(target, runs, p.pid)
             continue
         if time.time() < target["at"]:
             continue
-        row = next(r for r in read_runs(root) if r["id"] == target["id"])
+        row = next(r for r in runs if r["id"] == target["id"])
         pid = owner_pid(row["owner"])
-        if row["status"] != "running" or row["owner"] != target["owner"] or pid is None:
-            missed, target = missed + 1, None  # it ended first: draw again on a running job
-            continue
-        if pid not in workers_of(p.pid):  # never signal a process this sweep did not start
-            missed, target = missed + 1, None
+        alive = pid in workers_of(p.pid)  # never signal a process this sweep did not start
+        if row["status"] != "running" or row["owner"] != target["owner"] or not alive:
+            missed, target = missed + 1, None  # it ended first: draw again
             continue
         where = landing(root)
         os.kill(pid, signal.SIGKILL)
@@ -454,10 +468,17 @@ def print_summary(trials: list[dict[str, Any]], ref: Reference) -> None:
         landed = [t for t in ts if t.get("kill") or any(k["landed"] for k in t.get("kills", []))]
         ok = [t for t in ts if not t["problems"]]
         print(f"{need}: {len(ok)} of {len(ts)} trials pass; {len(landed)} had a kill land")
+    resumed = Counter(
+        j["resumed_from_step"] or 0 for t in trials for j in t["jobs"] if j["attempts"] > 1
+    )
+    print(
+        "jobs claimed more than once, by the checkpoint step they resumed from: "
+        + ", ".join(f"step {k}: {n}" for k, n in sorted(resumed.items()))
+    )
     reclaim = [
         t["kill"]["reclaimed_after_s"]
         for t in trials
-        if t.get("kill") and "reclaimed_after_s" in t["kill"]
+        if "reclaimed_after_s" in (t.get("kill") or {})
     ]
     if reclaim:
         print(
@@ -466,7 +487,7 @@ def print_summary(trials: list[dict[str, Any]], ref: Reference) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sweep-file", type=Path, default=REPO / "examples/sweeps/smoke.yaml")
     ap.add_argument(
@@ -477,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"sweep override (repeatable) [default: {' '.join(DEFAULT_SETS)}]",
     )
     ap.add_argument("--workers", type=int, default=2, help="worker slots of the sweep")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--trials-sweep", type=int, default=20)
     ap.add_argument("--trials-worker", type=int, default=10)
     ap.add_argument(
@@ -493,7 +515,33 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.trials_sweep, args.trials_worker, args.reference_runs = 3, 2, 1
-    setup = Setup(args.sweep_file.resolve(), tuple(args.sets or DEFAULT_SETS), args.workers)
+    return args
+
+
+def result(info: dict[str, Any], ref: Reference, checks: list[list[str]], trials: list[Any]) -> str:
+    """The JSON file: machine, command, reference, every trial (written after each trial)."""
+    jobs = {
+        h: {
+            "id": j["id"],
+            "duration_s": round(j["duration_s"], 2),
+            "metrics": len(j["metrics"]),
+            "predictions": len(j["predictions"]),
+        }
+        for h, j in ref.jobs.items()
+    }
+    info = {
+        **info,
+        "reference": {"wall_s": round(ref.wall_s, 1), "self_checks": checks, "jobs": jobs},
+    }
+    info["machine"] = {**info["machine"], "loadavg_now": os.getloadavg()}
+    return json.dumps({**info, "trials": trials}, indent=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup = Setup(
+        args.sweep_file.resolve(), tuple(args.sets or DEFAULT_SETS), args.workers, args.threads
+    )
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kill-trials-"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
@@ -504,15 +552,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"work dir {work}\n{info['command']}", flush=True)
     t0 = time.monotonic()
+    trials: list[dict[str, Any]] = []
     try:
         ref = reference(setup, work / "reference-0")
         checks = []
         for n in range(1, args.reference_runs):
-            problems, _ = verify(_run_again(setup, work / f"reference-{n}"), ref)
-            checks.append(problems)
-            print(f"reference {n} vs 0: {problems or 'equal'}", flush=True)
+            reference(setup, work / f"reference-{n}")
+            checks.append(verify(work / f"reference-{n}", ref)[0])
+            print(f"reference {n} vs 0: {checks[-1] or 'equal'}", flush=True)
         plan = ["sweep"] * args.trials_sweep + ["worker"] * args.trials_worker
-        trials = []
         for i, kind in enumerate(plan, 1):
             root = work / f"trial-{i:02d}-{kind}"
             trial = (sweep_trial if kind == "sweep" else worker_trial)(setup, ref, rng, root)
@@ -523,46 +571,16 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             if not trial["problems"] and not args.keep:
-                _remove(root)
+                shutil.rmtree(root, ignore_errors=True)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(result(info, ref, checks, trials))
     finally:
         for p in list(_LIVE):  # interrupted: stop what this script started, and its workers
             os.killpg(p.pid, signal.SIGKILL)
     print_summary(trials, ref)
-    info["machine"]["loadavg_end"] = os.getloadavg()
-    info["total_wall_s"] = round(time.monotonic() - t0, 1)
-    info["reference"] = {
-        "wall_s": round(ref.wall_s, 1),
-        "self_checks": checks,
-        "jobs": {
-            h: {
-                "id": j["id"],
-                "duration_s": round(j["duration_s"], 2),
-                "metrics": len(j["metrics"]),
-                "predictions": len(j["predictions"]),
-            }
-            for h, j in ref.jobs.items()
-        },
-    }
-    info["trials"] = trials
-    print(f"total {info['total_wall_s']:.0f} s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(info, indent=1))
+    print(f"total {time.monotonic() - t0:.0f} s")
     return 0 if all(not t["problems"] for t in trials) and not any(checks) else 1
-
-
-def _run_again(setup: Setup, root: Path) -> Path:
-    root.mkdir(parents=True)
-    rc = finish(start_sweep(setup, root, 0))
-    if rc != 0:
-        raise SystemExit(f"reference sweep failed (rc {rc}); see {root}/sweep-0.log")
-    return root
-
-
-def _remove(root: Path) -> None:
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

