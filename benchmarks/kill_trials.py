@@ -30,6 +30,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -56,6 +57,8 @@ MOEBENCH = Path(sys.executable).with_name("moebench")
 DEFAULT_SETS = ("train.max_steps=40", "train.checkpoint_every=4")
 SWEEP_TIMEOUT_S = 600.0  # one invocation; far above a tiny sweep's minute: past it, a hang
 POLL_S = 0.1
+# Where each package's files sit when installed (pyproject's [tool.setuptools] package-dir).
+PACKAGE_DIRS = {"moebench": "moebench", "moebench/methods": "methods", "moebench/tasks": "tasks"}
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,17 @@ class Setup:
     sets: tuple[str, ...]
     workers: int
     threads: int
+    sources: Path | None  # a snapshot of the moebench sources to run (None: the working tree)
 
     def env(self) -> dict[str, str]:
         """One torch thread per worker by default: on a small shared machine, workers with
         several threads each stall at OpenMP barriers whenever another process holds a core."""
-        return {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        if self.sources is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(self.sources), env.get("PYTHONPATH")])
+            )
+        return env
 
     def command(self, root: Path) -> list[str]:
         cmd = [str(MOEBENCH), "sweep", str(self.sweep_file), "--db", db_url(root)]
@@ -82,10 +91,36 @@ class Setup:
 
 @dataclass
 class Reference:
-    """What an uninterrupted sweep produced, per spec hash."""
+    """What an uninterrupted sweep produced, per spec hash, and how long clean sweeps took.
 
-    wall_s: float
-    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    Kill delays are drawn over `expected_s`, the shortest clean sweep seen so far (the
+    references, then every trial's first invocation that finished before its kill): on a shared
+    machine one slow reference would otherwise send many kills past the end of the sweep.
+    """
+
+    jobs: dict[str, dict[str, Any]]
+    walls: list[float] = field(default_factory=list)
+
+    @property
+    def expected_s(self) -> float:
+        return min(self.walls)
+
+
+def snapshot_sources(dest: Path) -> str:
+    """Copy the moebench sources into `dest`, laid out as installed; a digest of the copy.
+
+    A run of this benchmark lasts half an hour in a working tree others may be editing; an edit
+    that changes a spec hash (or breaks an import) halfway would make later trials differ from
+    the reference for reasons that have nothing to do with kills. On PYTHONPATH the copy is
+    found before the editable install, whose finder comes last on sys.meta_path.
+    """
+    for target, source in PACKAGE_DIRS.items():
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(REPO / source, dest / target, ignore=ignore, dirs_exist_ok=True)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in dest.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(dest)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def db_url(root: Path) -> str:
@@ -219,7 +254,9 @@ def landing(root: Path) -> list[str]:
             root, "SELECT COUNT(DISTINCT task) AS n FROM metrics WHERE run_id = ?", (r["id"],)
         )[0]["n"]
         stage = (r["progress"] or {}).get("stage", "no heartbeat progress yet")
-        out.append(f"job {r['id']}: ckpt {r['last_step'] or 0}, {sets} sets scored, {stage}")
+        out.append(
+            f"job {r['id']}: ckpt {r['last_step'] or 0}, {sets} sets scored, heartbeat: {stage}"
+        )
     done = sum(r["status"] == "done" for r in runs)
     return out or [f"no job running ({done} of {len(runs)} done)"]
 
@@ -287,21 +324,24 @@ def reference(setup: Setup, root: Path) -> Reference:
     runs = read_runs(root)
     if rc != 0 or not runs or any(r["status"] != "done" for r in runs):
         raise SystemExit(f"reference sweep failed (rc {rc}); see {root}/sweep-0.log")
-    return Reference(wall, {r["config_hash"]: job_record(root, r) for r in runs})
+    return Reference({r["config_hash"]: job_record(root, r) for r in runs}, [wall])
 
 
 def sweep_trial(setup: Setup, ref: Reference, rng: random.Random, root: Path) -> dict[str, Any]:
     """Kill the sweep 1-3 times at random delays, then let it finish; check the store."""
     root.mkdir(parents=True)
-    delays = [round(rng.uniform(0.5, ref.wall_s), 2) for _ in range(rng.randint(1, 3))]
+    planned = rng.randint(1, 3)
     kills: list[dict[str, Any]] = []
     t0 = time.monotonic()
     rc: int | None = None
-    for n, delay in enumerate(delays):
+    for n in range(planned):
+        delay = round(rng.uniform(0.5, ref.expected_s), 2)
         p = start_sweep(setup, root, n)
         try:
             rc = p.wait(timeout=delay)  # finished before the kill: the trial ends here
             _LIVE.remove(p)
+            if n == 0:
+                ref.walls.append(time.monotonic() - t0)
             kills.append({"delay_s": delay, "landed": False})
             break
         except subprocess.TimeoutExpired:
@@ -313,8 +353,9 @@ def sweep_trial(setup: Setup, ref: Reference, rng: random.Random, root: Path) ->
         for pid in stray:  # report, then clear them away so the next invocation starts clean
             os.kill(pid, signal.SIGKILL)
         kills.append({"delay_s": delay, "landed": True, "at": landing(root), "stray": stray})
+        kills[-1]["expected_s"] = round(ref.expected_s, 1)
     else:
-        rc = finish(start_sweep(setup, root, len(delays)))
+        rc = finish(start_sweep(setup, root, planned))
     wall = time.monotonic() - t0
     problems, jobs = verify(root, ref)
     if rc != 0:
@@ -446,7 +487,7 @@ def _describe(t: dict[str, Any]) -> str:
 
 def print_summary(trials: list[dict[str, Any]], ref: Reference) -> None:
     print(
-        f"\nreference sweep: {ref.wall_s:.1f} s; jobs "
+        f"\nclean sweeps: {', '.join(f'{w:.1f}' for w in ref.walls)} s; reference jobs "
         + ", ".join(f"{j['id']}: {j['duration_s']:.1f} s" for j in ref.jobs.values())
     )
     print(
@@ -511,6 +552,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-dir", type=Path, default=None, help="[default: a temporary folder]")
     ap.add_argument("--keep", action="store_true", help="keep passing trials' folders too")
+    ap.add_argument(
+        "--live-tree",
+        action="store_true",
+        help="run the working tree's moebench as it is at each moment, not a snapshot of it",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON result file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -531,7 +577,7 @@ def result(info: dict[str, Any], ref: Reference, checks: list[list[str]], trials
     }
     info = {
         **info,
-        "reference": {"wall_s": round(ref.wall_s, 1), "self_checks": checks, "jobs": jobs},
+        "reference": {"clean_walls_s": ref.walls, "self_checks": checks, "jobs": jobs},
     }
     info["machine"] = {**info["machine"], "loadavg_now": os.getloadavg()}
     return json.dumps({**info, "trials": trials}, indent=1)
@@ -539,25 +585,31 @@ def result(info: dict[str, Any], ref: Reference, checks: list[list[str]], trials
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup = Setup(
-        args.sweep_file.resolve(), tuple(args.sets or DEFAULT_SETS), args.workers, args.threads
-    )
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kill-trials-"))
     work.mkdir(parents=True, exist_ok=True)
+    sweep_file, sources, digest = args.sweep_file.resolve(), None, "live working tree"
+    if not args.live_tree:
+        sources = work / "sources"
+        digest = snapshot_sources(sources)
+        sweep_file = Path(shutil.copy(sweep_file, sources / sweep_file.name))
+    sets = tuple(args.sets or DEFAULT_SETS)
+    setup = Setup(sweep_file, sets, args.workers, args.threads, sources)
     rng = random.Random(args.seed)
     info = {
         "machine": machine(),
+        "sources": digest,
         "command": " ".join(setup.command(Path("ROOT"))),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    print(f"work dir {work}\n{info['command']}", flush=True)
+    print(f"work dir {work}; moebench sources {digest}\n{info['command']}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
     t0 = time.monotonic()
     trials: list[dict[str, Any]] = []
     try:
         ref = reference(setup, work / "reference-0")
         checks = []
         for n in range(1, args.reference_runs):
-            reference(setup, work / f"reference-{n}")
+            ref.walls += reference(setup, work / f"reference-{n}").walls
             checks.append(verify(work / f"reference-{n}", ref)[0])
             print(f"reference {n} vs 0: {checks[-1] or 'equal'}", flush=True)
         plan = ["sweep"] * args.trials_sweep + ["worker"] * args.trials_worker

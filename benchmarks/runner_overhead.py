@@ -5,10 +5,12 @@ beyond model loading, under 1 s.
 
 Why it is built this way:
 
-* Work: a sweep of N very short jobs on one worker slot (`--workers 1`): LoRA on tiny-llama,
-  N seeds, 2 optimizer steps, one eval set of one item. The jobs are short so that what is
-  measured is the scheduling around them; one slot so that each job's start follows the previous
-  one's finish, with nothing else to wait for.
+* Work: a sweep of N short jobs on one worker slot (`--workers 1`): LoRA on tiny-llama, N seeds,
+  `--steps` optimizer steps (30: about 5 s a job here), one eval set of one item. One slot, so
+  each job's start follows the previous one's finish with nothing else to wait for. A job must
+  outlast a worker's start (interpreter and imports, 3-4 s on this machine), or the pre-started
+  next worker is still importing when its turn comes and the gap measures that instead;
+  `--steps 2` shows it.
 * Times come from the store: `created_at` (queued), `started_at` (claimed; every job here is
   claimed once), `finished_at` (marked done). Finish to next start is
   `started_at[k] - finished_at[k-1]`: it begins after the job's last write and ends at the next
@@ -44,6 +46,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kill_trials import snapshot_sources
+
 MOEBENCH = Path(sys.executable).with_name("moebench")
 LIMIT_S = 1.0
 POLL_S = 0.02
@@ -51,8 +55,9 @@ ATTEMPT = re.compile(r"^(\S+ \S+) INFO \S+: attempt 1 of run (\d+) as [^:]+:(\d+
 TRAINING = re.compile(r"^(\S+ \S+) INFO moebench\.train: training:")
 
 
-def sweep_file(path: Path, jobs: int) -> Path:
-    """N LoRA jobs on tiny-llama that differ only in seed, as short as a job can be."""
+def sweep_file(path: Path, jobs: int, steps: int) -> Path:
+    """N LoRA jobs on tiny-llama that differ only in seed: `steps` optimizer steps, one eval
+    set of one item, nothing else."""
     seeds = ", ".join(str(s) for s in range(1, jobs + 1))
     path.write_text(
         "name: overhead\n"
@@ -60,7 +65,7 @@ def sweep_file(path: Path, jobs: int) -> Path:
         "  method: lora\n  model: tiny-llama\n  suite: mini\n"
         f"  seed: [{seeds}]\n"
         "set:\n"
-        "  train.max_steps: 2\n  train.warmup_steps: 0\n"
+        f"  train.max_steps: {steps}\n  train.warmup_steps: 0\n"
         "  eval.tasks: [boolq]\n  eval.limit: 1\n  eval.max_new_tokens: 4\n"
         "execution:\n  retries: 0\n"
     )
@@ -132,13 +137,12 @@ def training_started(log: Path) -> float | None:
     return None
 
 
-def one_sweep(root: Path, jobs: int, threads: int) -> dict[str, Any]:
+def one_sweep(root: Path, jobs: int, steps: int, env: dict[str, str]) -> dict[str, Any]:
     """Run the sweep once in a fresh store; per-job times and the gaps between jobs."""
     root.mkdir(parents=True)
     db = root / "store.db"
-    cmd = [str(MOEBENCH), "sweep", str(sweep_file(root / "overhead.yaml", jobs))]
+    cmd = [str(MOEBENCH), "sweep", str(sweep_file(root / "overhead.yaml", jobs, steps))]
     cmd += ["--db", f"sqlite:///{db}", "--output-dir", str(root / "out"), "--workers", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     watch = Watch(root / "out" / "logs")
     t0 = time.time()
     with (root / "sweep.log").open("wb") as log:
@@ -192,12 +196,15 @@ def _job_times(run: dict[str, Any], watch: Watch, root: Path) -> dict[str, Any]:
     }
 
 
-def import_time(threads: int) -> float:
-    """A worker's cold start, without the queue: a fresh interpreter importing what it needs."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, moebench.runner"], env=env, check=True)
-    return time.perf_counter() - t0
+def import_time(env: dict[str, str]) -> tuple[float, float]:
+    """A worker's cold start and its exit, without the queue: a fresh interpreter importing
+    what a worker imports, then exiting. (start to imported, imported to exited), seconds."""
+    code = "import time, torch, moebench.runner; print(time.time())"
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    t1 = time.time()
+    imported = float(out.stdout.decode().split()[-1])
+    return imported - t0, t1 - imported
 
 
 def _stats(values: list[float]) -> str:
@@ -206,7 +213,7 @@ def _stats(values: list[float]) -> str:
     return f"median {statistics.median(values):.3f} s, max {max(values):.3f} s (n={len(values)})"
 
 
-def report(sweeps: list[dict[str, Any]], imports: list[float]) -> dict[str, Any]:
+def report(sweeps: list[dict[str, Any]], bare: list[tuple[float, float]]) -> dict[str, Any]:
     """Print the per-job table and the verdict; the figures for the JSON file."""
     print(
         f"{'rep':>3} {'job':>3} {'gap s':>6} {'exit s':>6} {'claim s':>7} {'spare lead s':>12} "
@@ -226,6 +233,7 @@ def report(sweeps: list[dict[str, Any]], imports: list[float]) -> dict[str, Any]
         for k in ("gap_s", "exit_s", "claim_s", "spawn_lead_s", "claim_to_training_s")
     }
     first = [s["first_queue_to_start_s"] for s in sweeps]
+    imports, exits = [b[0] for b in bare], [b[1] for b in bare]
     gaps = pick["gap_s"]
     met = bool(gaps) and max(gaps) < LIMIT_S
     print(f"\nfinish to next start: {_stats(gaps)}")
@@ -237,7 +245,8 @@ def report(sweeps: list[dict[str, Any]], imports: list[float]) -> dict[str, Any]
         f"{_stats(pick['claim_to_training_s'])}"
     )
     print(f"first job, queue to start (cold worker): {_stats(first)}")
-    print(f"  bare `import torch, moebench.runner` in a fresh interpreter: {_stats(imports)}")
+    print(f"bare `import torch, moebench.runner` in a fresh interpreter: {_stats(imports)}")
+    print(f"  and its exit after that (interpreter teardown): {_stats(exits)}")
     verdict = "met" if met else "missed"
     print(f"criterion finish-to-next-start < {LIMIT_S:.0f} s (every gap): {verdict}")
     summary = {
@@ -246,7 +255,7 @@ def report(sweeps: list[dict[str, Any]], imports: list[float]) -> dict[str, Any]
         if v
     }
     summary["first_queue_to_start_s"] = first
-    summary["import_s"] = imports
+    summary["bare_import_s"], summary["bare_exit_s"] = imports, exits
     summary["criterion_met"] = met
     return summary
 
@@ -254,29 +263,47 @@ def report(sweeps: list[dict[str, Any]], imports: list[float]) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--jobs", type=int, default=8, help="jobs per sweep")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=30,
+        help="optimizer steps per job; jobs shorter than a worker's imports (a few seconds here) "
+        "leave the next worker still importing when its turn comes",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="sweeps, each in a fresh store")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--quick", action="store_true", help="one sweep of 6 jobs")
     ap.add_argument("--work-dir", type=Path, default=None, help="[default: a temporary folder]")
+    ap.add_argument(
+        "--live-tree", action="store_true", help="run the working tree, not a snapshot of it"
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON result file")
     args = ap.parse_args(argv)
     if args.quick:
         args.jobs, args.repeats = 6, 1
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="runner-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    digest = "live working tree"
+    if not args.live_tree:  # the sources as they are now, whatever is edited meanwhile
+        digest = snapshot_sources(work / "sources")
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(work / "sources"), env.get("PYTHONPATH")])
+        )
     load_start = os.getloadavg()
-    imports, sweeps = [], []
+    bare, sweeps = [], []
     for n in range(args.repeats):  # an import timing next to each sweep: the load drifts
-        imports.append(import_time(args.threads))
-        sweeps.append(one_sweep(work / f"sweep-{n}", args.jobs, args.threads))
+        bare.append(import_time(env))
+        sweeps.append(one_sweep(work / f"sweep-{n}", args.jobs, args.steps, env))
         print(f"sweep {n + 1}/{args.repeats}: {sweeps[-1]['wall_s']:.1f} s", flush=True)
-    summary = report(sweeps, imports)
+    summary = report(sweeps, bare)
     if args.out:
         info = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(),
             "loadavg": {"start": load_start, "end": os.getloadavg()},
             "python": platform.python_version(),
+            "sources": digest,
             "args": {k: str(v) for k, v in vars(args).items()},
             "summary": summary,
             "sweeps": sweeps,

@@ -111,9 +111,14 @@ def _tuplify(obj: Any) -> Any:
     return obj
 
 
+# Suffix of a checkpoint folder found unusable: kept for a post-mortem, never resumed from, and
+# not counted by pruning (which would otherwise delete each new good checkpoint in its place).
+UNUSABLE = ".unusable"
+
+
 def _finished(root: Path) -> list[Path]:
     """Checkpoint folders whose rename completed, oldest first (zero-padded names sort by step)."""
-    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))
+    return sorted(p for p in root.glob("step-*") if not p.name.endswith((".tmp", UNUSABLE)))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -126,7 +131,8 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
 
     A run that crashed, or whose disk failed, may leave its newest checkpoint truncated; resuming
     from the one before loses a few steps, where trusting the newest would crash the resume.
-    (None, reasons) means no checkpoint reads, and the caller starts again from step 0.
+    (None, reasons) means no checkpoint reads, and the caller starts again from step 0. Each
+    skipped folder is renamed with the suffix `.unusable`, out of resuming's and pruning's way.
     """
     reasons: list[str] = []
     candidates = _finished(root)[::-1]
@@ -140,6 +146,8 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
                 else "no earlier one is left"
             )
             reasons.append(f"Checkpoint '{path}' is unusable ({e}); {then}.")
+            shutil.rmtree(path.with_name(path.name + UNUSABLE), ignore_errors=True)
+            path.rename(path.with_name(path.name + UNUSABLE))
             continue
         return path, reasons
     return None, reasons

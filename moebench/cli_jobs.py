@@ -38,6 +38,7 @@ WorkersOpt = Annotated[
 def open_existing(db: str | None) -> Any:
     """The store for a read command: a SQLite file that does not exist is not created."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
 
     from moebench import store
 
@@ -50,7 +51,14 @@ def open_existing(db: str | None) -> Any:
                 f"There is no results database at '{path}'; `moebench run` or `moebench sweep` "
                 "creates one (or pass --db)."
             )
-    return store.open_store(url)
+    try:
+        return store.open_store(url)
+    except SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise NotFoundError(
+            f"The results database {store.db.display_url(url)} cannot be opened ({reason}); "
+            "check the --db path or URL."
+        ) from None
 
 
 @app.command()
@@ -67,7 +75,8 @@ def sweep(
         str | None, typer.Option(help="Root of run outputs [default: results/runs].")
     ] = None,
     retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Queue again the jobs that failed earlier.")
+        bool,
+        typer.Option("--retry-failed", help="Queue again the jobs that failed or were cancelled."),
     ] = False,
     queue_only: Annotated[
         bool, typer.Option("--queue-only", help="Queue the missing jobs and stop (no workers).")
@@ -87,7 +96,7 @@ def sweep(
     if queue_only:
         return
     _work(db, plan.name, workers if workers is not None else plan.execution.workers)
-    _print_outcome(db, plan.name)
+    _print_outcome(db, plan)
 
 
 def _print_plan(plan: Any, estimates: list[dict[str, Any]]) -> None:
@@ -127,10 +136,16 @@ def _queue(
         old = have.get(job.spec.hash)
         if old is None:
             execution = {"retries": plan.execution.retries, "label": job.label}
-            new.append(
-                submit(s, job.spec, env, budget=job.budget, sweep=plan.name, execution=execution)
+            run_id = submit(
+                s, job.spec, env, budget=job.budget, sweep=plan.name, execution=execution
             )
-        elif retry and old["status"] in ("failed", "cancelled"):
+            new.append(run_id)
+            continue
+        # The same spec already in the store (run by hand, or by another sweep): it becomes
+        # this sweep's job, so the sweep works it if unfinished and counts it when it ends.
+        if old["sweep"] != plan.name and old["status"] != "done":
+            q.adopt(s, old["id"], plan.name)
+        if retry and old["status"] in ("failed", "cancelled"):
             q.requeue(s, old["id"], "queued again by `moebench sweep --retry-failed`")
             new.append(old["id"])
         else:
@@ -149,10 +164,11 @@ def _queue(
 
 
 def _work(db: str | None, sweep_name: str | None, workers: int | None) -> None:
+    from moebench.liveness import signals_interrupt
     from moebench.worker import plan_slots, work_queue
 
-    s = open_existing(db)
     slots = plan_slots(workers)
+    s = open_existing(db)
     console.print(
         f"working the queue with {len(slots)} worker(s): {', '.join(x.name for x in slots)}"
     )
@@ -160,7 +176,9 @@ def _work(db: str | None, sweep_name: str | None, workers: int | None) -> None:
     def refresh() -> Table:
         return jobs_table(s, sweep_name)
 
-    with Live(refresh(), console=console, refresh_per_second=2) as live:
+    # SIGTERM (a scheduler, `kill`) ends the pool as Ctrl-C does: its jobs are marked
+    # interrupted with their checkpoints, instead of dying with it.
+    with signals_interrupt(), Live(refresh(), console=console, refresh_per_second=2) as live:
         try:
             work_queue(
                 db,
@@ -177,16 +195,18 @@ def _work(db: str | None, sweep_name: str | None, workers: int | None) -> None:
             raise typer.Exit(130) from None
 
 
-def _print_outcome(db: str | None, sweep_name: str) -> None:
+def _print_outcome(db: str | None, plan: Any) -> None:
+    """How each of the plan's jobs stands, by its spec hash (whichever run holds it)."""
     from moebench.store import jobs as q
 
-    rows = q.list_jobs(open_existing(db), sweep=sweep_name)
-    failed = [r for r in rows if r["status"] == "failed"]
-    done = sum(r["status"] == "done" for r in rows)
-    console.print(f"sweep {sweep_name}: {done} of {len(rows)} jobs done")
-    for r in failed:
-        err.print(f"job {r['id']} failed: {escape(r['status_reason'] or '')}")
-    if failed:
+    s = open_existing(db)
+    have = q.find_jobs(s, [j.spec.hash for j in plan.jobs])
+    rows = q.list_jobs(s, ids=[r["id"] for r in have.values()])
+    unfinished = [r for r in rows if r["status"] != "done"]
+    console.print(f"sweep {plan.name}: {len(rows) - len(unfinished)} of {len(plan.jobs)} jobs done")
+    for r in unfinished:
+        err.print(f"job {r['id']} {r['status']}: {escape(r['status_reason'] or '')}")
+    if unfinished:
         raise typer.Exit(1)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from moebench import store as db
-from moebench.config import EXECUTION_FIELDS
+from moebench.config import without_execution
 from moebench.errors import ConfigError
 from moebench.stats import (
     PairedResult,
@@ -282,11 +282,7 @@ def seed_free_config(config: dict[str, Any], data_fingerprint: str | None = None
     Execution settings (checkpoint cadence, device, eval engine and batch) cannot change a
     number, so runs differing only there group together.
     """
-    kept = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items() if k != "seed"}
-    for section, names in EXECUTION_FIELDS.items():
-        for name in names:
-            if isinstance(kept.get(section), dict):
-                kept[section].pop(name, None)
+    kept = {k: v for k, v in without_execution(config).items() if k != "seed"}
     kept["data_fingerprint"] = data_fingerprint
     return json.dumps(kept, sort_keys=True)
 

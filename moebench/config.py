@@ -24,15 +24,25 @@ from moebench.errors import ConfigError, did_you_mean
 C = TypeVar("C")
 
 # Settings that say how a run executes, not what it is: left out of the hash, so the same
-# experiment checkpointed more often, on another device or scored by another engine is the same
-# job. tests/test_execution_settings.py proves, setting by setting, that each leaves metrics and
-# predictions unchanged; a setting that fails that test belongs in the hash. (`train.device` is
-# here because a job is what it computes, not where; numbers across devices differ only by
-# floating-point rounding, which no setting of a spec can remove.)
+# experiment checkpointed more often, or scored by another engine or batch size, is the same job.
+# tests/test_execution_settings.py proves, setting by setting, that each leaves metrics and
+# predictions unchanged (on CPU in fp32; bf16 batches on a GPU are not covered by that proof); a
+# setting that fails it belongs in the hash. `train.device` stays in the hash: with precision
+# `auto` it decides bf16 (cuda) or fp32 (cpu), which changes numbers.
 EXECUTION_FIELDS: dict[str, tuple[str, ...]] = {
-    "train": ("checkpoint_every", "keep_checkpoints", "stats_every", "device"),
+    "train": ("checkpoint_every", "keep_checkpoints", "stats_every"),
     "eval": ("engine", "batch_size"),
 }
+
+
+def without_execution(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec dict (`RunSpec.to_dict()` or a stored config) without its execution settings."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}
+    for section, names in EXECUTION_FIELDS.items():
+        for name in names:
+            if isinstance(out.get(section), dict):
+                out[section].pop(name, None)
+    return out
 
 
 def field_help(cls: type, name: str) -> str:

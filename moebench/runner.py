@@ -63,8 +63,10 @@ def submit(
     budget: dict[str, Any] | None = None,
     sweep: str | None = None,
     execution: dict[str, Any] | None = None,
+    owner: str | None = None,
 ) -> int:
-    """Queue a job: its spec and how to execute it are stored, nothing is loaded."""
+    """Queue a job: its spec and how to execute it are stored, nothing is loaded. With `owner`
+    the job is stored already running under it (see `jobs.enqueue`)."""
     root = Path(env.output_dir) if env.output_dir else DEFAULT_OUTPUT_ROOT
     run_id = q.enqueue(
         store,
@@ -82,6 +84,7 @@ def submit(
         sweep=sweep,
         versions=package_versions(),
         git_sha=git_sha(),
+        owner=owner,
     )
     if budget is not None:
         db.put_artifact(store, run_id, "budget", budget)
@@ -95,14 +98,14 @@ def execute(
     *,
     budget: dict[str, Any] | None = None,
 ) -> int:
-    """Run one job now, in this process (`moebench run`): validate, queue, claim, run."""
+    """Run one job now, in this process (`moebench run`): validate, store it as running under
+    this process (so no worker can take it), run it."""
     # Everything that can be wrong with the inputs is checked before anything is stored.
     suite, data = load_data(spec, env.data_dir)
     store = db.open_store(env.db)
-    run_id = submit(store, spec, env, budget=budget)
     owner = q.new_owner()
-    row = q.claim(store, owner, run_id=run_id)
-    assert row is not None, "a job queued a moment ago could not be claimed"
+    run_id = submit(store, spec, env, budget=budget, owner=owner)
+    row = {**db.get_run(store, run_id), "claimed_from": "queued"}
     return run_claimed(store, row, owner, env, observer, loaded=(suite, data))
 
 
@@ -116,11 +119,16 @@ def resume(run_id: int, env: RunEnv, observer: Observer | None = None) -> int:
     claimed = q.claim(store, owner, run_id=run_id, any_unfinished=True)
     if claimed is None:
         held = db.get_run(store, run_id)
+        if held["owner"] is None:  # it ended between the look and the claim
+            raise ConfigError(
+                f"Run {run_id} is {held['status']} ({held['status_reason'] or 'no reason'}); "
+                "nothing to resume."
+            )
         raise ConfigError(
             f"Run {run_id} is being run right now by process {held['owner']} (last heartbeat "
             f"{held['heartbeat_at']:%H:%M:%S} UTC); stop it first, or wait for it to end."
         )
-    return run_claimed(store, claimed, owner, env, observer)
+    return run_claimed(store, claimed, owner, env, observer, restore=True)
 
 
 def run_claimed(
@@ -131,8 +139,13 @@ def run_claimed(
     observer: Observer | None = None,
     *,
     loaded: tuple[ResolvedSuite, PreparedData] | None = None,
+    restore: bool = False,
 ) -> int:
-    """Work a job this process has claimed to its end; the store records how it ended."""
+    """Work a job this process has claimed to its end; the store records how it ended.
+
+    `restore` (an explicit resume): if the job cannot even be opened (the wrong data folder, a
+    default changed since), it goes back to the status it was claimed in, instead of failing.
+    """
     observer = observer or SilentObserver()
     run_id = row["id"]
     with signals_interrupt(), Heartbeat(store, run_id, owner, row["wall_time_s"] or 0.0) as beat:
@@ -140,11 +153,13 @@ def run_claimed(
         try:
             job = open_job(store, row, env, loaded)
         except BaseException as e:
-            not_opened(store, row, owner, e)
+            not_opened(store, row, owner, e, restore)
             raise
         try:
             built = build_stage(store, job)
+            beat.check()
             train_stage(store, job, built, observer, beat)
+            beat.check()
             score_stage(store, job, built, observer, beat)
             finish(store, job, built, beat, owner)
             return run_id

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moebench.config import EXECUTION_FIELDS, build, config_hash, to_dict
+from moebench.config import build, config_hash, to_dict, without_execution
 from moebench.errors import ConfigError, did_you_mean
 from moebench.evaluate import EvalConfig
 from moebench.method import get_method
@@ -51,11 +51,7 @@ class RunSpec:
 
     def identity(self) -> dict[str, Any]:
         """`to_dict()` without the execution settings: what the hash covers."""
-        out = self.to_dict()
-        for section, names in EXECUTION_FIELDS.items():
-            for name in names:
-                out[section].pop(name, None)
-        return out
+        return without_execution(self.to_dict())
 
     @property
     def hash(self) -> str:

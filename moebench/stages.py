@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from sqlalchemy.engine import make_url
 
 from moebench import store as db
 from moebench.adapted import Built, build_adapted
@@ -21,7 +22,7 @@ from moebench.config import build, to_dict
 from moebench.data import Example, tokenize_row
 from moebench.errors import ConfigError, MoebenchError
 from moebench.evaluate import TaskResult, group_average
-from moebench.liveness import Heartbeat
+from moebench.liveness import Heartbeat, shielded
 from moebench.method import Method, ModelShapes, PrepareContext, get_method
 from moebench.models import cache_dir, count_parameters, describe
 from moebench.provenance import git_sha, hardware, package_versions, peak_memory_bytes
@@ -86,7 +87,8 @@ class SilentObserver:
 
 def spec_of(row: dict[str, Any]) -> RunSpec:
     """The stored spec, resolved by this moebench, with the execution overrides applied (the
-    micro-batch an out-of-memory retry halved). Refused if it would mean something else now."""
+    micro-batch or eval batch an out-of-memory retry halved). Refused if it would mean
+    something else now."""
     stored = row["config"]
     spec = resolve(base=stored)
     changed = changed_settings(stored, spec.to_dict())
@@ -96,9 +98,12 @@ def spec_of(row: dict[str, Any]) -> RunSpec:
             f"({', '.join(changed[:4])} differ); this moebench changed a default, so "
             "--rerun it instead."
         )
-    micro = (row.get("execution") or {}).get("micro_batch_size")
-    if micro:
-        spec = replace(spec, train=replace(spec.train, micro_batch_size=int(micro)))
+    execution = row.get("execution") or {}
+    if execution.get("micro_batch_size"):
+        micro = int(execution["micro_batch_size"])
+        spec = replace(spec, train=replace(spec.train, micro_batch_size=micro))
+    if execution.get("eval_batch_size"):
+        spec = replace(spec, eval=replace(spec.eval, batch_size=int(execution["eval_batch_size"])))
     return spec
 
 
@@ -143,20 +148,29 @@ class Job:
     examples: list[Example] = field(default_factory=list)
 
 
-def not_opened(store: db.Store, row: dict[str, Any], owner: str, error: BaseException) -> None:
-    """Nothing ran. A stopped run that a user tried to resume goes back to how it was (a resume
-    with the wrong data folder must not turn an interrupted run into a failed one); a job taken
-    from the queue fails with the reason, so the retry policy sees it instead of a worker
-    claiming it again and again."""
-    if row["status"] in ("interrupted", "failed", "cancelled"):
-        q.release(store, row["id"], owner, row["status"], row["status_reason"])
-        return
-    if isinstance(error, KeyboardInterrupt):
-        q.release(store, row["id"], owner, "interrupted", "interrupted before it started")
-        return
-    reason = str(error) if isinstance(error, MoebenchError) else f"{type(error).__name__}: {error}"
-    q.add_failure(store, row["id"], kind="error", reason=reason)
-    q.release(store, row["id"], owner, "failed", reason)
+def not_opened(
+    store: db.Store, row: dict[str, Any], owner: str, error: BaseException, restore: bool
+) -> None:
+    """Nothing ran. On an explicit resume (`restore`) the run goes back to the status it was
+    claimed in (a resume with the wrong data folder must not turn an interrupted run into a
+    failed one); a job a worker took from the queue fails with the reason, so the retry policy
+    sees it instead of a worker claiming it again and again."""
+    with shielded():
+        try:
+            if restore:
+                q.release(store, row["id"], owner, row["claimed_from"], row["status_reason"])
+            elif isinstance(error, KeyboardInterrupt):
+                q.release(store, row["id"], owner, "interrupted", "interrupted before it started")
+            else:
+                reason = _reason(error)
+                q.add_failure(store, row["id"], kind="error", reason=reason)
+                q.release(store, row["id"], owner, "failed", reason)
+        except Exception:  # the store failing must not hide why the job did not open
+            log.exception("could not record that run %d did not open", row["id"])
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) if isinstance(error, MoebenchError) else f"{type(error).__name__}: {error}"
 
 
 def open_job(
@@ -209,7 +223,7 @@ def _claim_folder(store: db.Store, row: dict[str, Any]) -> Path:
     database) already owns: each folder holds a marker naming its run and store."""
     execution = row.get("execution") or {}
     root = Path(execution.get("output_root") or DEFAULT_OUTPUT_ROOT).resolve()
-    marker = {"store": store.display_url, "run_id": row["id"]}
+    marker = {"store": _store_identity(store), "run_id": row["id"]}
     folder = root / str(row["id"])
     suffix = 0
     while True:
@@ -221,6 +235,15 @@ def _claim_folder(store: db.Store, row: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".moebench-run.json").write_text(_json(marker))
     return folder
+
+
+def _store_identity(store: db.Store) -> str:
+    """The store as an output folder's marker names it: a SQLite file by its absolute path, so
+    two databases of the same relative name in different folders are told apart."""
+    url = make_url(store.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return "sqlite:" + str(Path(url.database).expanduser().resolve())
+    return store.display_url
 
 
 def _json(obj: Any) -> str:
@@ -432,6 +455,19 @@ def end(
     kind: str | None = None,
 ) -> None:
     """Record how a job ended without losing what it computed; never masks the original error."""
+    with shielded():
+        _record_end(store, job, beat, owner, status, reason, kind)
+
+
+def _record_end(
+    store: db.Store,
+    job: Job,
+    beat: Heartbeat,
+    owner: str,
+    status: str,
+    reason: str,
+    kind: str | None,
+) -> None:
     try:
         job.logs.flush()
         row = db.get_run(store, job.run_id)

@@ -4,8 +4,9 @@
 writes its log to `<output root>/logs/run-<id>.log`, runs it, and on failure applies the retry
 policy (a failure is retried up to the job's `retries`; an out-of-memory failure is retried with
 half the micro-batch and twice the accumulation, the same effective batch, from step 0 since a
-checkpoint's data position counts micro-batches). It exits 0 after a job ended (however it
-ended), 3 when there was nothing to claim.
+checkpoint's data position counts micro-batches; an out-of-memory failure in scoring halves the
+eval batch instead). It exits 0 after a job ended as done or failed, 130 when interrupted, 3
+when there was nothing to claim.
 
 `work_queue` keeps one such process per slot (a GPU, or `--workers N` on a CPU) until the queue
 is empty. To keep the gap between jobs small, a slot's next process is started while the current
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moebench.errors import MoebenchError
+from moebench.errors import ConfigError, MoebenchError
 from moebench.store import jobs as q
 
 log = logging.getLogger(__name__)
@@ -135,30 +136,59 @@ def retry_after_failure(store: Any, run_id: int) -> bool:
 
 
 def retry_after_oom(store: Any, run_id: int) -> bool:
-    """Halve the micro-batch (doubling accumulation, same effective batch) and re-queue from
-    step 0; at micro-batch 1 there is nothing left to halve and the normal policy applies."""
+    """Re-queue a job that ran out of memory with a smaller batch, the same job all the same.
+
+    In scoring (its adapter is saved): half the eval batch, an execution setting, resuming where
+    it stopped. In training: the largest micro-batch that divides the batch and is at most half
+    the current one (so the same effective batch, more accumulation), from step 0, since a
+    checkpoint's data position counts micro-batches of the old size. With nothing left to
+    halve, the ordinary retry policy decides.
+    """
     from moebench import store as db
     from moebench.runner import spec_of
 
     row = db.get_run(store, run_id)
-    micro = spec_of(row).train.micro_batch_size
-    if row["status"] != "failed" or micro <= 1:
-        return retry_after_failure(store, run_id)
+    if row["status"] != "failed":
+        return False
+    spec = spec_of(row)
     execution = dict(row.get("execution") or {})
-    execution["micro_batch_size"] = micro // 2
-    execution.setdefault("oom_retries", []).append({"from": micro, "to": micro // 2})
+    trained = row["output_dir"] and (Path(row["output_dir"]) / "adapter").is_dir()
+    if trained:
+        size, knob = spec.eval.batch_size, "eval_batch_size"
+        smaller = size // 2
+    else:
+        size, knob = spec.train.micro_batch_size, "micro_batch_size"
+        smaller = max(
+            (d for d in range(1, size // 2 + 1) if spec.train.batch_size % d == 0), default=0
+        )
+    if smaller < 1:
+        return retry_after_failure(store, run_id)
+    execution[knob] = smaller
+    execution.setdefault("oom_retries", []).append({"knob": knob, "from": size, "to": smaller})
     q.set_execution(store, run_id, execution)
-    if row["output_dir"]:  # checkpoints count micro-batches of the old size: set them aside
-        ckpts = Path(row["output_dir"]) / "checkpoints"
-        if ckpts.is_dir():
-            shutil.move(str(ckpts), str(ckpts.with_name(f"checkpoints-micro{micro}")))
+    if not trained:
+        _set_checkpoints_aside(store, row, size)
+    where = "scoring" if trained else "training"
+    again = "where it stopped" if trained else "step 0 (same effective batch)"
     q.requeue(
         store,
         run_id,
-        f"out of memory at micro-batch {micro}; retrying from step 0 with micro-batch "
-        f"{micro // 2} (same effective batch)",
+        f"out of memory in {where} at {knob.replace('_', ' ')} {size}; retrying from {again} "
+        f"with {smaller}",
     )
     return True
+
+
+def _set_checkpoints_aside(store: Any, row: dict[str, Any], micro: int) -> None:
+    """Checkpoints of another micro-batch size cannot be resumed from: kept aside, forgotten."""
+    from moebench import store as db
+
+    ckpts = Path(row["output_dir"] or "") / "checkpoints"
+    if row["output_dir"] and ckpts.is_dir():
+        aside = ckpts.with_name(f"checkpoints-micro{micro}")
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.move(str(ckpts), str(aside))
+    db.forget_checkpoints(store, row["id"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +244,8 @@ class QueueReport:
 
 def plan_slots(workers: int | None) -> list[Slot]:
     """One slot per visible GPU (CUDA_VISIBLE_DEVICES honoured), else `workers` CPU slots."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers} must be at least 1 (or left out: one per GPU).")
     if workers is None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:

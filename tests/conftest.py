@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,3 +77,17 @@ def adapt(model: torch.nn.Module, method: str, config: object | None = None) -> 
     )
     adapted, _ = prepare_and_inject(model, m, config or m.config_cls(), ctx)
     return adapted
+
+
+class StopAt:
+    """An observer that interrupts a run at one training step, as a Ctrl-C there would."""
+
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+    def step(self, s: Any) -> None:
+        if s.step == self.at:
+            raise KeyboardInterrupt

@@ -20,6 +20,7 @@ from moebench.runner import RunEnv, execute, resume, run_claimed, spec_of
 from moebench.runspec import resolve
 from moebench.store import jobs as q
 from moebench.worker import retry_after_oom
+from tests.conftest import StopAt
 
 OPTIONS = {"model": "tiny-llama", "max_steps": 6, "limit": 1}
 SETS = [
@@ -29,18 +30,6 @@ SETS = [
     ("train.keep_checkpoints", "3"),
     ("eval.tasks", "boolq"),
 ]
-
-
-class _StopAt:
-    def __init__(self, step: int) -> None:
-        self.at = step
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: None
-
-    def step(self, s: Any) -> None:
-        if s.step == self.at:
-            raise KeyboardInterrupt
 
 
 def _adapter(run: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -63,7 +52,7 @@ def _interrupted(tmp_path: Path, at: int = 5) -> tuple[str, dict[str, Any]]:
     url = f"sqlite:///{tmp_path / 'c.db'}"
     with pytest.raises(KeyboardInterrupt):
         spec = resolve(options=OPTIONS, sets=SETS)
-        execute(spec, RunEnv(db=url, output_dir=str(tmp_path / "out")), _StopAt(at))
+        execute(spec, RunEnv(db=url, output_dir=str(tmp_path / "out")), StopAt(at))
     (run,) = db.list_runs(db.open_store(url))
     return url, run
 
@@ -109,7 +98,7 @@ def test_the_oom_policy_halves_the_micro_batch_and_keeps_the_job(tmp_path: Path)
     db.set_status(s, run["id"], "failed", "out of memory")
     assert retry_after_oom(s, run["id"])
     row = db.get_run(s, run["id"])
-    assert row["status"] == "queued" and "micro-batch 2" in row["status_reason"]
+    assert row["status"] == "queued" and "micro batch size 4" in row["status_reason"]
     spec = spec_of(row)
     assert (spec.train.micro_batch_size, spec.train.accumulation) == (2, 2)
     assert row["config_hash"] == resolve(options=OPTIONS, sets=SETS).hash  # the same job
@@ -118,7 +107,8 @@ def test_the_oom_policy_halves_the_micro_batch_and_keeps_the_job(tmp_path: Path)
     run_claimed(s, q.claim(s, owner, run_id=run["id"]), owner, RunEnv(db=url))
     done = db.get_run(s, run["id"])
     assert done["status"] == "done" and done["resumed_from_step"] is None
-    assert done["execution"]["oom_retries"] == [{"from": 4, "to": 2}]
+    assert done["execution"]["oom_retries"] == [{"knob": "micro_batch_size", "from": 4, "to": 2}]
+    assert done["last_step"] == 6  # the set-aside checkpoints were forgotten, new ones written
     fresh_url = f"sqlite:///{tmp_path / 'fresh.db'}"
     fresh_spec = resolve(options=OPTIONS, sets=[*SETS, ("train.micro_batch_size", "2")])
     fresh = execute(fresh_spec, RunEnv(db=fresh_url, output_dir=str(tmp_path / "fresh")))

@@ -22,7 +22,6 @@ VARIANTS: dict[str, str] = {
     "train.checkpoint_every": "1",
     "train.keep_checkpoints": "5",
     "train.stats_every": "1",
-    "train.device": "cpu",
     "eval.engine": "hf",
     "eval.batch_size": "1",
 }
@@ -31,7 +30,6 @@ BASE_SETS = [
     ("train.micro_batch_size", "2"),
     ("train.checkpoint_every", "3"),
     ("train.stats_every", "10"),
-    ("train.device", "auto"),
     ("eval.tasks", "boolq,arc_challenge,gsm8k"),
     ("eval.batch_size", "16"),
     ("eval.engine", "moebench"),

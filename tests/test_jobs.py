@@ -23,6 +23,7 @@ from moebench.runner import RunEnv, execute, resume, submit
 from moebench.runspec import resolve
 from moebench.store import jobs as q
 from moebench.store.db import migrate
+from tests.conftest import StopAt
 from tests.test_store import POSTGRES_ENV, _wipe_postgres
 
 SPEC = {"model": "tiny-llama", "max_steps": 4, "limit": 1}
@@ -136,18 +137,6 @@ def test_resume_of_a_run_whose_owner_is_alive_is_refused(tmp_path: Path) -> None
     assert db.get_run(store, run_id)["status"] == "running"
 
 
-class _StopAt:
-    def __init__(self, step: int) -> None:
-        self.at = step
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: None
-
-    def step(self, s: Any) -> None:
-        if s.step == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow
 def test_produced_records_live_apart_from_the_spec_and_survive_migration(tmp_path: Path) -> None:
     """A run interrupted at head; the database taken back to revision 0004 (where `_data` and
@@ -156,7 +145,7 @@ def test_produced_records_live_apart_from_the_spec_and_survive_migration(tmp_pat
     url = f"sqlite:///{tmp_path / 'm.db'}"
     spec = resolve(options={**SPEC, "method": "lora-smoe"}, sets=SETS)
     with pytest.raises(KeyboardInterrupt):
-        execute(spec, RunEnv(db=url, output_dir=str(tmp_path / "out")), _StopAt(3))
+        execute(spec, RunEnv(db=url, output_dir=str(tmp_path / "out")), StopAt(3))
     store = db.open_store(url)
     (run,) = db.list_runs(store)
     first_wall = run["wall_time_s"]
@@ -207,3 +196,35 @@ def test_jobs_list_show_cancel_retry(tmp_path: Path) -> None:
     q.add_failure(store, b, kind="error", reason="boom in step 3")
     r = runner.invoke(app, ["jobs", "show", str(b), "--db", url])
     assert r.exit_code == 0 and "[error]" in r.output and "boom in step 3" in r.output
+
+
+def test_a_cancelled_job_cannot_be_queued_again_while_its_owner_lives(tmp_path: Path) -> None:
+    store = db.open_store(f"sqlite:///{tmp_path / 'cr.db'}")
+    (run_id,) = _queue(store, 1)
+    owner = q.new_owner()
+    assert q.claim(store, owner) is not None
+    q.cancel(store, run_id)
+    with pytest.raises(ConfigError, match="still held by process"):
+        q.requeue(store, run_id, "retry")
+    assert q.claim(store, q.new_owner(), run_id=run_id, any_unfinished=True) is None
+    # the owner's own ending does not overwrite the cancel
+    assert not q.release(store, run_id, owner, "done", None)
+    assert db.get_run(store, run_id)["status"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_resume_that_cannot_open_leaves_the_run_as_it_was(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    spec = resolve(options=SPEC, sets=SETS)
+    with pytest.raises(KeyboardInterrupt):
+        execute(spec, RunEnv(db=url, output_dir=str(tmp_path / "out")), StopAt(3))
+    store = db.open_store(url)
+    (run,) = db.list_runs(store)
+    # a stored value this moebench no longer accepts: the spec cannot be opened
+    broken = {**run["config"], "train": {**run["config"]["train"], "lr": -1.0}}
+    db.update_run(store, run["id"], config=broken)
+    with pytest.raises(ConfigError, match="lr=-1.0 must be > 0"):
+        resume(run["id"], RunEnv(db=url))
+    after = db.get_run(store, run["id"])
+    assert (after["status"], after["status_reason"]) == ("interrupted", run["status_reason"])
+    assert after["owner"] is None and [f["kind"] for f in after["failures"]] == ["interrupted"]

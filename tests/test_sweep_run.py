@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 
 from moebench import store as db
 from moebench.cli import app
+from moebench.runner import RunEnv, execute
 from moebench.store import jobs as q
+from moebench.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "examples" / "sweeps" / "smoke.yaml"
@@ -115,3 +117,74 @@ def test_a_killed_workers_job_is_resumed_to_the_same_adapter(tmp_path: Path) -> 
     assert len(db.get_predictions(s, run["id"])) == len(
         db.get_predictions(db.open_store(reference), ref["id"])
     )
+
+
+TWO_JOBS = ONE_JOB.replace("seed: 3", "seed: [3, 4]").replace("name: one", "name: two")
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_sweep_marks_its_jobs_interrupted_and_the_rerun_resumes_them(
+    tmp_path: Path,
+) -> None:
+    """A terminal's Ctrl-C reaches the pool and its workers together: every running job must be
+    recorded as interrupted (never left `running` to be taken for dead), and the same command
+    run again must finish them without a single recorded death."""
+    sweep_file = tmp_path / "two.yaml"
+    sweep_file.write_text(TWO_JOBS)
+    url = f"sqlite:///{tmp_path / 'i.db'}"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "moebench", "sweep", str(sweep_file), "--db", url, "--workers", "2"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job is
+    )
+    s = db.open_store(url)
+    deadline = time.monotonic() + 600
+    while not any(r["status"] == "running" and r["last_step"] for r in q.list_jobs(s)):
+        assert time.monotonic() < deadline and p.poll() is None, p.stderr and p.stderr.read()
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGINT)
+    p.communicate(timeout=300)
+    assert p.returncode == 130
+    stopped = q.list_jobs(s)
+    assert "running" not in {r["status"] for r in stopped}
+    assert "interrupted" in {r["status"] for r in stopped}
+    p = _sweep(str(sweep_file), "--db", url, cwd=tmp_path)
+    _, errs = p.communicate(timeout=600)
+    assert p.returncode == 0, errs[-3000:]
+    done = q.list_jobs(s)
+    assert [r["status"] for r in done] == ["done", "done"]
+    assert not [f for r in done for f in r["failures"] or [] if f["kind"] == "died"]
+
+
+@pytest.mark.slow
+def test_a_sweep_adopts_an_interrupted_plain_run_of_the_same_spec(tmp_path: Path) -> None:
+    sweep_file = tmp_path / "one.yaml"
+    sweep_file.write_text(ONE_JOB)
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+
+    (job,) = load_sweep(sweep_file).jobs
+
+    class StopAt5:
+        def __getattr__(self, name: str) -> object:
+            return lambda *a, **k: None
+
+        def step(self, s: object) -> None:
+            if s.step == 5:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(job.spec, RunEnv(db=url, output_dir=str(tmp_path / "out")), StopAt5())
+    p = _sweep(str(sweep_file), "--db", url, cwd=tmp_path)
+    out, errs = p.communicate(timeout=600)
+    assert p.returncode == 0, errs[-3000:]
+    assert "queued 0 new" in out and "1 of 1 jobs done" in out
+    (run,) = q.list_jobs(db.open_store(url))
+    assert run["status"] == "done" and run["sweep"] == "one" and run["attempts"] == 2
+
+
+def test_workers_below_one_are_refused_in_one_sentence(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["worker", "--db", str(tmp_path / "w.db"), "--workers", "0"])
+    assert r.exit_code != 0 and "--workers 0 must be at least 1" in str(r.exception)

@@ -16,11 +16,11 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 
 from moebench.errors import ConfigError
 from moebench.store.db import Store
-from moebench.store.queries import RUNS, _coerce, _require_run, _select_dicts, create_run
+from moebench.store.queries import RUNS, _coerce, _require_run, _select_dicts
 from moebench.store.tables import utcnow
 
 HEARTBEAT_EVERY_S = 5.0
@@ -33,9 +33,26 @@ MAX_DEATHS = 10
 ACTIVE = ("queued", "running")
 
 
+def machine_key() -> str:
+    """This host, as a pid check needs it: the host name, plus the boot and the pid namespace.
+
+    Two containers (or two hosts both called `localhost`) share a name but not their pids: only
+    where the key matches does a missing pid prove its owner dead.
+    """
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip()[:8])
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return "/".join(parts)
+
+
 def new_owner() -> str:
-    """This process's owner id: readable host and pid, plus a token no other process shares."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """This process's owner id, `host:pid:token`: readable host (with the machine key) and pid,
+    plus a token no other process shares."""
+    return f"{machine_key()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def owner_alive(owner: str | None, heartbeat_at: datetime | None, now: datetime) -> bool:
@@ -48,7 +65,7 @@ def owner_alive(owner: str | None, heartbeat_at: datetime | None, now: datetime)
         return False
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if host == socket.gethostname() and pid_text.isdigit() and not _pid_exists(int(pid_text)):
+    if host == machine_key() and pid_text.isdigit() and not _pid_exists(int(pid_text)):
         return False
     if heartbeat_at is None:
         return False
@@ -83,29 +100,35 @@ def enqueue(
     sweep: str | None = None,
     versions: dict[str, Any] | None = None,
     git_sha: str | None = None,
+    owner: str | None = None,
 ) -> int:
-    """Store a job as `queued`: its spec and how to execute it, no weights loaded."""
-    run_id = create_run(
-        store,
-        method=method,
-        model=model,
-        suite=suite,
-        config=config,
-        config_hash=config_hash,
-        seed=seed,
-        versions=versions or {},
-        git_sha=git_sha,
-        hardware={},
-        output_dir=None,
-        status="queued",
-    )
+    """Store a job, in one INSERT: its spec and how to execute it, no weights loaded.
+
+    It is `queued`, or with `owner` already `running` under that owner (`moebench run` works its
+    own job at once, and no worker may take it in between).
+    """
+    now = utcnow()
+    values = {
+        "method": method,
+        "model": model,
+        "suite": suite,
+        "config": config,
+        "config_hash": config_hash,
+        "seed": seed,
+        "versions": versions or {},
+        "git_sha": git_sha,
+        "hardware": {},
+        "status": "running" if owner else "queued",
+        "execution": execution or {},
+        "sweep": sweep,
+        "attempts": 1 if owner else 0,
+        "owner": owner,
+        "heartbeat_at": now if owner else None,
+        "started_at": now if owner else None,
+    }
+    values = {k: _coerce(RUNS, k, v) for k, v in values.items()}
     with store.session() as session:
-        session.execute(
-            update(RUNS)
-            .where(RUNS.c.id == run_id)
-            .values(execution=execution or {}, sweep=sweep, attempts=0)
-        )
-    return run_id
+        return int(session.execute(insert(RUNS).values(**values)).inserted_primary_key[0])
 
 
 def _claimable(sweep: str | None, run_id: int | None, any_unfinished: bool) -> Any:
@@ -139,13 +162,16 @@ def claim(
     `run_id` asks for that job only (with `any_unfinished`, whatever status other than done it
     is in: a resume). Each candidate is taken with an UPDATE conditioned on the
     status and owner it was seen with: if another claimant got there first, the row no longer
-    matches, zero rows change, and the next candidate is tried.
+    matches, zero rows change, and the next candidate is tried. The row comes back as it is
+    after the claim, with `claimed_from`: the status it was taken in.
     """
     now = utcnow()
     with store.session() as session:
         candidates = session.execute(_claimable(sweep, run_id, any_unfinished)).all()
     for cid, status, old_owner, beat in candidates:
-        if status == "running" and owner_alive(old_owner, beat, now):
+        # A live owner keeps its job whatever the status says (a cancelled one still running
+        # until its next heartbeat, say): two processes never work one job.
+        if owner_alive(old_owner, beat, now):
             continue
         match = [RUNS.c.id == cid, RUNS.c.status == status]
         match.append(RUNS.c.owner == old_owner if old_owner is not None else RUNS.c.owner.is_(None))
@@ -163,7 +189,8 @@ def claim(
                 release(store, cid, owner, "failed", f"its process died {MAX_DEATHS} times")
                 continue
             with store.session() as session:
-                return _select_dicts(session, select(RUNS).where(RUNS.c.id == cid))[0]
+                row = _select_dicts(session, select(RUNS).where(RUNS.c.id == cid))[0]
+            return {**row, "claimed_from": status}
     return None
 
 
@@ -206,13 +233,16 @@ def heartbeat(store: Store, run_id: int, owner: str, **fields: Any) -> bool:
 
 
 def release(store: Store, run_id: int, owner: str, status: str, reason: str | None) -> bool:
-    """End the owner's hold: set the final (or re-queued) status; False if it was not the owner."""
+    """End the owner's hold: set the final (or re-queued) status; False if it no longer holds
+    the job (taken over, or cancelled: a cancel is never overwritten by the ending it caused)."""
     _coerce(RUNS, "status", status)
     values: dict[str, Any] = {"status": status, "status_reason": reason, "owner": None}
     if status in ("done", "failed", "cancelled"):
         values["finished_at"] = utcnow()
     with store.session() as session:
-        stmt = update(RUNS).where(RUNS.c.id == run_id, RUNS.c.owner == owner)
+        stmt = update(RUNS).where(
+            RUNS.c.id == run_id, RUNS.c.owner == owner, RUNS.c.status == "running"
+        )
         return session.execute(stmt.values(**values)).rowcount == 1
 
 
@@ -242,64 +272,86 @@ def set_execution(store: Store, run_id: int, execution: dict[str, Any]) -> None:
         session.execute(update(RUNS).where(RUNS.c.id == run_id).values(execution=execution))
 
 
+def _seen(session: Any, store: Store, run_id: int) -> Any:
+    _require_run(session, store, run_id)
+    cols = (RUNS.c.status, RUNS.c.owner, RUNS.c.heartbeat_at)
+    return session.execute(select(*cols).where(RUNS.c.id == run_id)).one()
+
+
+def _changed(session: Any, run_id: int, seen: Any, **values: Any) -> bool:
+    """Compare-and-set: apply `values` only if the row still has the status and owner seen."""
+    owner = RUNS.c.owner == seen.owner if seen.owner is not None else RUNS.c.owner.is_(None)
+    stmt = update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == seen.status, owner)
+    return session.execute(stmt.values(**values)).rowcount == 1
+
+
 def requeue(store: Store, run_id: int, reason: str) -> None:
-    """Put a stopped job back in the queue (retry); refused for a job someone is running."""
+    """Put a stopped job back in the queue (retry); refused while a live process holds it."""
     with store.session() as session:
-        _require_run(session, store, run_id)
-        row = session.execute(
-            select(RUNS.c.status, RUNS.c.owner, RUNS.c.heartbeat_at).where(RUNS.c.id == run_id)
-        ).one()
-        if row.status == "running" and owner_alive(row.owner, row.heartbeat_at, utcnow()):
+        seen = _seen(session, store, run_id)
+        if owner_alive(seen.owner, seen.heartbeat_at, utcnow()):
             raise ConfigError(
-                f"Run {run_id} is running under {row.owner}; stop that process first."
+                f"Run {run_id} is still held by process {seen.owner}; wait for it to stop."
             )
-        if row.status == "done":
+        if seen.status == "done":
             raise ConfigError(f"Run {run_id} is done; `moebench run --rerun {run_id}` repeats it.")
-        session.execute(
-            update(RUNS)
-            .where(RUNS.c.id == run_id)
-            .values(status="queued", status_reason=reason, owner=None, finished_at=None)
-        )
+        values = {"status": "queued", "status_reason": reason, "owner": None, "finished_at": None}
+        if not _changed(session, run_id, seen, **values):
+            raise ConfigError(f"Run {run_id} changed while it was being queued again; try again.")
 
 
 def cancel(store: Store, run_id: int) -> str:
-    """Cancel a queued or running job; a running owner notices at its next heartbeat."""
+    """Cancel an unfinished job. A running owner stays recorded (so nobody re-queues the job
+    under it) and stops at its next heartbeat, writing nothing more."""
     with store.session() as session:
-        _require_run(session, store, run_id)
-        status = session.execute(select(RUNS.c.status).where(RUNS.c.id == run_id)).scalar_one()
-        if status not in (*ACTIVE, "interrupted", "failed"):
-            raise ConfigError(f"Run {run_id} is {status}; only an unfinished job can be cancelled.")
-        session.execute(
-            update(RUNS)
-            .where(RUNS.c.id == run_id)
-            .values(
-                status="cancelled",
-                status_reason=f"cancelled by a user (was {status})",
-                owner=None,
-                finished_at=utcnow(),
+        seen = _seen(session, store, run_id)
+        if seen.status not in (*ACTIVE, "interrupted", "failed"):
+            raise ConfigError(
+                f"Run {run_id} is {seen.status}; only an unfinished job can be cancelled."
             )
-        )
-    return status
+        values = {
+            "status": "cancelled",
+            "status_reason": f"cancelled by a user (was {seen.status})",
+            "finished_at": utcnow(),
+        }
+        if not _changed(session, run_id, seen, **values):
+            raise ConfigError(f"Run {run_id} changed while it was being cancelled; try again.")
+    return str(seen.status)
+
+
+def adopt(store: Store, run_id: int, sweep: str) -> bool:
+    """Make a run with a sweep's spec hash one of the sweep's jobs (a plain `moebench run`, or
+    another sweep's), so the sweep works it and counts it; False if a live process holds it."""
+    with store.session() as session:
+        seen = _seen(session, store, run_id)
+        if owner_alive(seen.owner, seen.heartbeat_at, utcnow()):
+            return False
+        return _changed(session, run_id, seen, sweep=sweep)
 
 
 def find_jobs(store: Store, config_hashes: list[str]) -> dict[str, dict[str, Any]]:
-    """The newest run of each given spec hash (to queue a sweep's missing jobs only)."""
+    """Per spec hash, the run that stands for it: a done one if any, else the newest."""
     out: dict[str, dict[str, Any]] = {}
     if not config_hashes:
         return out
     stmt = (
-        select(RUNS.c.id, RUNS.c.config_hash, RUNS.c.status)
+        select(RUNS.c.id, RUNS.c.config_hash, RUNS.c.status, RUNS.c.sweep)
         .where(RUNS.c.config_hash.in_(config_hashes))
         .order_by(RUNS.c.id)
     )
     with store.session() as session:
         for row in session.execute(stmt).mappings():
-            out[row["config_hash"]] = dict(row)
+            if out.get(row["config_hash"], {}).get("status") != "done":
+                out[row["config_hash"]] = dict(row)
     return out
 
 
 def list_jobs(
-    store: Store, *, sweep: str | None = None, status: str | None = None
+    store: Store,
+    *,
+    sweep: str | None = None,
+    status: str | None = None,
+    ids: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Jobs (runs) with their queue columns, oldest first, optionally of one sweep or status."""
     cols = [
@@ -330,5 +382,7 @@ def list_jobs(
         stmt = stmt.where(RUNS.c.sweep == sweep)
     if status is not None:
         stmt = stmt.where(RUNS.c.status == status)
+    if ids is not None:
+        stmt = stmt.where(RUNS.c.id.in_(ids))
     with store.session() as session:
         return _select_dicts(session, stmt)

@@ -328,6 +328,16 @@ def add_checkpoint(store: Store, run_id: int, step: int, path: str | os.PathLike
         )
 
 
+def forget_checkpoints(store: Store, run_id: int) -> None:
+    """Drop a run's checkpoint records (their files were set aside): it resumes from none."""
+    with store.session() as session:
+        _require_run(session, store, run_id)
+        session.execute(delete(CHECKPOINTS).where(CHECKPOINTS.c.run_id == run_id))
+        session.execute(
+            update(RUNS).where(RUNS.c.id == run_id).values(last_checkpoint=None, last_step=None)
+        )
+
+
 def _rows_of(store: Store, run_id: int, stmt: Any) -> list[dict[str, Any]]:
     with store.session() as session:
         _require_run(session, store, run_id)

@@ -35,7 +35,7 @@ depends_on: str | Sequence[str] | None = None
 OLD_STATUSES = ("queued", "running", "done", "failed", "interrupted")
 NEW_STATUSES = (*OLD_STATUSES, "cancelled")
 EXECUTION_FIELDS = {
-    "train": ("checkpoint_every", "keep_checkpoints", "stats_every", "device"),
+    "train": ("checkpoint_every", "keep_checkpoints", "stats_every"),
     "eval": ("engine", "batch_size"),
 }
 PRODUCED = {"_data": "data", "_budget": "budget", "_prepared": "prepared"}
