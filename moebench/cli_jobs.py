@@ -136,9 +136,12 @@ def _queue(
         old = have.get(job.spec.hash)
         if old is None:
             execution = {"retries": plan.execution.retries, "label": job.label}
-            run_id = submit(
-                s, job.spec, env, budget=job.budget, sweep=plan.name, execution=execution
-            )
+            try:
+                run_id = submit(
+                    s, job.spec, env, budget=job.budget, sweep=plan.name, execution=execution
+                )
+            except q.AlreadyQueued:  # another machine submitted the same sweep a moment ago
+                continue
             new.append(run_id)
             continue
         # The same spec already in the store (run by hand, or by another sweep): it becomes

@@ -37,8 +37,8 @@ from moebench.config import build
 from moebench.errors import ConfigError, DataError, did_you_mean
 from moebench.inject import Adapted
 from moebench.method import get_method
-from moebench.runner import changed_settings
-from moebench.runspec import RunSpec, resolve
+from moebench.runner import spec_of
+from moebench.runspec import RunSpec
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -125,15 +125,7 @@ def rebuild_run(store: db.Store, run_id: int) -> RebuiltRun:
     row = db.get_run(store, run_id)
     folder = adapter_dir(row)
     saved = json.loads((folder / "adapter_config.json").read_text())
-    stored = row["config"]
-    spec = resolve(base=stored)
-    changed = changed_settings(stored, spec.to_dict())
-    if changed:
-        raise ConfigError(
-            f"Run {run_id}'s stored config no longer resolves to the same settings "
-            f"({', '.join(changed[:4])} differ), so its model cannot be rebuilt as trained; "
-            "evaluate it with the moebench version that made it."
-        )
+    spec = spec_of(row)  # refused if the stored spec no longer resolves to the same settings
     if (saved.get("method"), saved.get("model")) != (spec.method, spec.model):
         raise ConfigError(
             f"The adapter in '{folder}' was saved for {saved.get('method')} on "

@@ -31,8 +31,9 @@ SETS = [("train.batch_size", "8"), ("train.checkpoint_every", "2"), ("eval.tasks
 
 
 def _queue(store: db.Store, n: int, sweep: str | None = "s") -> list[int]:
-    spec = resolve(options={"model": "tiny-llama"})
-    return [submit(store, spec, RunEnv(), sweep=sweep) for _ in range(n)]
+    """n jobs of distinct specs (one per seed), queued without loading anything."""
+    specs = [resolve(options={"model": "tiny-llama", "seed": seed}) for seed in range(n)]
+    return [submit(store, spec, RunEnv(), sweep=sweep) for spec in specs]
 
 
 def _claimer(url: str, start: Any, out: Any) -> None:
@@ -228,3 +229,19 @@ def test_a_resume_that_cannot_open_leaves_the_run_as_it_was(tmp_path: Path) -> N
     after = db.get_run(store, run["id"])
     assert (after["status"], after["status_reason"]) == ("interrupted", run["status_reason"])
     assert after["owner"] is None and [f["kind"] for f in after["failures"]] == ["interrupted"]
+
+
+def test_one_sweep_never_holds_two_jobs_of_one_spec(queue_url: str) -> None:
+    """Two machines submitting the same sweep file at once: the second submission of a spec is
+    refused by the store itself, so no job is queued (and run) twice."""
+    store = db.open_store(queue_url)
+    spec = resolve(options={"model": "tiny-llama"})
+    first = submit(store, spec, RunEnv(), sweep="s")
+    with pytest.raises(q.AlreadyQueued):
+        submit(store, spec, RunEnv(), sweep="s")
+    submit(store, spec, RunEnv(), sweep="other")  # another sweep may hold the same spec
+    submit(store, spec, RunEnv())  # and so may plain runs, any number of them
+    submit(store, spec, RunEnv())
+    plain = [r for r in q.list_jobs(store) if r["sweep"] is None]
+    assert not q.adopt(store, plain[0]["id"], "s")  # "s" has this spec already
+    assert [r["id"] for r in q.list_jobs(store, sweep="s")] == [first]

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from moebench.errors import ConfigError
 from moebench.store.db import Store
@@ -31,6 +32,10 @@ STALE_AFTER_S = 60.0
 # every time (the kernel's OOM killer, a segfault), and retrying forever would hide that.
 MAX_DEATHS = 10
 ACTIVE = ("queued", "running")
+
+
+class AlreadyQueued(ConfigError):
+    """Another submission of the same sweep queued this spec first (two machines at once)."""
 
 
 def machine_key() -> str:
@@ -127,8 +132,15 @@ def enqueue(
         "started_at": now if owner else None,
     }
     values = {k: _coerce(RUNS, k, v) for k, v in values.items()}
-    with store.session() as session:
-        return int(session.execute(insert(RUNS).values(**values)).inserted_primary_key[0])
+    try:
+        with store.session() as session:
+            return int(session.execute(insert(RUNS).values(**values)).inserted_primary_key[0])
+    except IntegrityError:
+        if sweep is None:
+            raise
+        raise AlreadyQueued(
+            f"Sweep {sweep!r} already holds a job of spec {config_hash[:12]}."
+        ) from None
 
 
 def _claimable(sweep: str | None, run_id: int | None, any_unfinished: bool) -> Any:
@@ -321,12 +333,16 @@ def cancel(store: Store, run_id: int) -> str:
 
 def adopt(store: Store, run_id: int, sweep: str) -> bool:
     """Make a run with a sweep's spec hash one of the sweep's jobs (a plain `moebench run`, or
-    another sweep's), so the sweep works it and counts it; False if a live process holds it."""
-    with store.session() as session:
-        seen = _seen(session, store, run_id)
-        if owner_alive(seen.owner, seen.heartbeat_at, utcnow()):
-            return False
-        return _changed(session, run_id, seen, sweep=sweep)
+    another sweep's), so the sweep works it and counts it; False if a live process holds it or
+    the sweep already has a job of that spec."""
+    try:
+        with store.session() as session:
+            seen = _seen(session, store, run_id)
+            if owner_alive(seen.owner, seen.heartbeat_at, utcnow()):
+                return False
+            return _changed(session, run_id, seen, sweep=sweep)
+    except IntegrityError:
+        return False
 
 
 def find_jobs(store: Store, config_hashes: list[str]) -> dict[str, dict[str, Any]]:
@@ -374,7 +390,7 @@ def list_jobs(
         RUNS.c.wall_time_s,
         RUNS.c.execution,
         RUNS.c.output_dir,
-        RUNS.c.config,
+        RUNS.c.resumed_from_step,
         RUNS.c.created_at,
     ]
     stmt = select(*cols).order_by(RUNS.c.id)

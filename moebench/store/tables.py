@@ -103,6 +103,8 @@ class Run(Base):
         Index("ix_runs_config_hash", "config_hash"),
         Index("ix_runs_status", "status"),
         Index("ix_runs_sweep", "sweep"),
+        # One job per spec in a sweep (NULL sweeps, plain runs, never collide).
+        Index("uq_runs_sweep_config_hash", "sweep", "config_hash", unique=True),
         CheckConstraint(
             "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")", name="status"
         ),

@@ -84,6 +84,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("progress", sa.JSON(none_as_null=True), nullable=True))
         batch.add_column(sa.Column("data_fingerprint", sa.String(64), nullable=True))
         batch.create_index("ix_runs_sweep", ["sweep"])
+        # One job per spec in a sweep, even when two machines submit the same file at once.
+        batch.create_index("uq_runs_sweep_config_hash", ["sweep", "config_hash"], unique=True)
     _move_produced()
 
 
@@ -162,6 +164,7 @@ def downgrade() -> None:
                 config[key] = value
         conn.execute(runs.update().where(runs.c.id == run_id).values(config=config))
     with op.batch_alter_table("runs", table_kwargs=_KEEP_AUTOINCREMENT) as batch:
+        batch.drop_index("uq_runs_sweep_config_hash")
         batch.drop_index("ix_runs_sweep")
         for name in (
             "data_fingerprint",
