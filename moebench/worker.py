@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from moebench.errors import ConfigError, MoebenchError
 from moebench.store import jobs as q
@@ -191,7 +191,7 @@ def _set_checkpoints_aside(store: Any, row: dict[str, Any], micro: int) -> None:
     db.forget_checkpoints(store, row["id"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="python -m moebench.worker", description=__doc__)
     parser.add_argument("--db", default=None)
     parser.add_argument("--sweep", default=None)
@@ -202,9 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         _die_with_parent(args.parent)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return work_one(args.db, sweep=args.sweep, after_pid=args.after_pid)
+        code = work_one(args.db, sweep=args.sweep, after_pid=args.after_pid)
     except KeyboardInterrupt:  # stopped while waiting its turn: nothing was claimed
-        return 130
+        code = 130
+    # The job is stored (every write committed): leave without the interpreter's teardown of
+    # torch and friends, a second or two that the slot's next worker would wait out.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --- a pool of slots -------------------------------------------------------------------------
@@ -355,4 +361,4 @@ def _pending(store: Any, sweep: str | None) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
