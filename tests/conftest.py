@@ -91,3 +91,13 @@ class StopAt:
     def step(self, s: Any) -> None:
         if s.step == self.at:
             raise KeyboardInterrupt
+
+
+def poisoned_model(folder: Path) -> Path:
+    """tiny-llama saved with one weight set to inf: its first step diverges, every time."""
+    model, tok = load_model("tiny-llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.fill_(float("inf"))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -15,12 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from moebench import store as db
-from moebench.models import load_model
 from moebench.runner import RunEnv, execute, resume, run_claimed, spec_of
 from moebench.runspec import resolve
 from moebench.store import jobs as q
 from moebench.worker import retry_after_oom
-from tests.conftest import StopAt
+from tests.conftest import StopAt, poisoned_model
 
 OPTIONS = {"model": "tiny-llama", "max_steps": 6, "limit": 1}
 SETS = [
@@ -117,12 +116,7 @@ def test_the_oom_policy_halves_the_micro_batch_and_keeps_the_job(tmp_path: Path)
 
 @pytest.mark.slow
 def test_a_failing_job_is_retried_by_policy_and_each_reason_kept(tmp_path: Path) -> None:
-    model, tok = load_model("tiny-llama")
-    with torch.no_grad():
-        model.model.layers[1].self_attn.o_proj.weight.fill_(float("inf"))
-    folder = tmp_path / "poisoned"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = poisoned_model(tmp_path / "poisoned")
     sweep = tmp_path / "fails.yaml"
     sweep.write_text(
         f"name: fails\naxes: {{method: lora, model: '{folder}'}}\n"

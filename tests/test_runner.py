@@ -5,22 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from moebench import store
 from moebench.errors import TrainingDiverged
-from moebench.models import load_model
 from moebench.runner import RunEnv, execute, resume
 from moebench.runspec import resolve
+from tests.conftest import poisoned_model
 
 
 def test_a_diverging_run_is_marked_failed_with_its_step_and_keeps_its_log(tmp_path: Path) -> None:
-    model, tok = load_model("tiny-llama")
-    with torch.no_grad():
-        model.model.layers[1].self_attn.o_proj.weight.fill_(float("inf"))
-    folder = tmp_path / "poisoned-model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = poisoned_model(tmp_path / "poisoned-model")
     db = f"sqlite:///{tmp_path / 'f.db'}"
     spec = resolve(options={"model": str(folder), "max_steps": 3, "limit": 2})
     with pytest.raises(TrainingDiverged):
