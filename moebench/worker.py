@@ -93,8 +93,8 @@ def work_one(db_url: str | None, *, sweep: str | None = None, after_pid: int | N
     from moebench import store as db
     from moebench.liveness import JobLost
 
+    store = db.open_store(db_url)  # opened (and its schema checked) before the wait, too
     _wait_for(after_pid)
-    store = db.open_store(db_url)
     owner = q.new_owner()
     row = q.claim(store, owner, sweep=sweep)
     if row is None:
