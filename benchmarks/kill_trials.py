@@ -11,14 +11,17 @@ Why it is built this way:
   root. With `--reference-runs 2` it runs twice and the second must equal the first: if two
   clean sweeps differ, a difference after a kill would prove nothing.
 * Sweep-kill trial: a fresh store and output root; `moebench sweep` is started as a subprocess in
-  its own session, SIGKILLed after a random delay drawn over the reference's wall time, started
-  again (1 to 3 kills a trial), and finally left to finish. One second after each kill /proc is
+  its own session, SIGKILLed after a random delay, started again (1 to 3 kills a trial), and
+  finally left to finish. One second after each kill /proc is
   searched for a `moebench.worker` still naming the killed process as `--parent`: workers must
-  die with their sweep.
-* Worker-kill trial: the sweep runs once; when a job is running, a delay is drawn over that job's
-  reference duration (from its claim, so it may land in loading, training, checkpointing or
-  scoring), and the process named in the job's `owner` is SIGKILLed, after checking that it is a
-  worker of this sweep. The sweep is not touched; its pool must start a worker that resumes it.
+  die with their sweep. Delays are drawn over the shortest clean sweep seen so far; a trial
+  whose sweep finishes before its first kill is checked like the others but not counted, and
+  trials go on until `--trials-sweep` of them had a kill land.
+* Worker-kill trial: the sweep runs once; one of its jobs is drawn, and a delay after its claim
+  over its reference duration (so it may land in loading, training, checkpointing or scoring);
+  then the process named in the job's `owner` is SIGKILLed, after checking that it is a worker
+  of this sweep. The sweep is not touched; its pool must start a worker that resumes it.
+* The sweeps run a snapshot of the moebench sources taken at start (`--live-tree`: not).
 * The checks read the SQLite file with the standard library's sqlite3, not through moebench: a
   bug in the store code cannot then hide itself. Per job: status `done`, one row per spec hash,
   adapter tensors `torch.equal` to the reference job of the same `config_hash`, metric and
@@ -30,6 +33,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -54,7 +58,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 MOEBENCH = Path(sys.executable).with_name("moebench")
-DEFAULT_SETS = ("train.max_steps=40", "train.checkpoint_every=4")
+DEFAULT_SETS = ("train.max_steps=40", "train.checkpoint_every=4", "eval.max_new_tokens=64")
 SWEEP_TIMEOUT_S = 600.0  # one invocation; far above a tiny sweep's minute: past it, a hang
 POLL_S = 0.1
 # Where each package's files sit when installed (pyproject's [tool.setuptools] package-dir).
@@ -117,9 +121,16 @@ def snapshot_sources(dest: Path) -> str:
     for target, source in PACKAGE_DIRS.items():
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         shutil.copytree(REPO / source, dest / target, ignore=ignore, dirs_exist_ok=True)
+    return sources_digest(dest)
+
+
+def sources_digest(root: Path) -> str:
+    """A short digest of a snapshot's package files: which sources a result was measured on.
+    Bytecode is left out: running the snapshot writes it."""
     digest = hashlib.sha256()
-    for f in sorted(p for p in dest.rglob("*") if p.is_file()):
-        digest.update(str(f.relative_to(dest)).encode() + b"\0" + f.read_bytes())
+    files = (root / "moebench").rglob("*")
+    for f in sorted(p for p in files if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -152,13 +163,13 @@ def start_sweep(setup: Setup, root: Path, n: int) -> subprocess.Popen[bytes]:
 def finish(p: subprocess.Popen[bytes], timeout: float = SWEEP_TIMEOUT_S) -> int | None:
     """Wait for an invocation; None (and the process group killed) if it hung."""
     try:
-        return p.wait(timeout=timeout)
+        rc: int | None = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-        return None
-    finally:
-        _LIVE.remove(p)
+        rc = None
+    _LIVE.remove(p)  # not on the way out of an interruption: main's cleanup must still see it
+    return rc
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -282,6 +293,7 @@ def verify(root: Path, ref: Reference) -> tuple[list[str], list[dict[str, Any]]]
                 "attempts": r["attempts"],
                 "failures": kinds,
                 "resumed_from_step": r["resumed_from_step"],
+                "first_finished_at": _ts(r["finished_at"]) if r["attempts"] == 1 else None,
             }
         )
         if want is None:
@@ -433,11 +445,14 @@ def worker_trial(setup: Setup, ref: Reference, rng: random.Random, root: Path) -
     problems, jobs = verify(root, ref)
     if rc != 0:
         problems.append(f"sweep exited {'by timeout (hang)' if rc is None else rc}")
-    if kill is None:
-        problems.append(f"no kill landed ({missed} targets ended first)")
-    else:
+    if kill is not None:  # (None: every target ended first; the trial does not count)
         killed = next(j for j in jobs if j["id"] == kill["job"])
-        if killed["attempts"] < 2 or "died" not in killed["failures"]:
+        # Between reading the row and the signal the job may have been marked done: the kill
+        # then hit a worker already exiting, and the job was rightly done once, in one attempt.
+        ended = killed["first_finished_at"]
+        kill["after_end"] = ended is not None and ended <= kill["epoch"]
+        resumed = killed["attempts"] >= 2 and "died" in killed["failures"]
+        if not kill["after_end"] and not resumed:
             problems.append(
                 f"killed job {kill['job']}: attempts {killed['attempts']}, "
                 f"failures {killed['failures']} (expected >= 2 and a 'died')"
@@ -482,7 +497,15 @@ def _describe(t: dict[str, Any]) -> str:
         ]
         return ", ".join(kills)
     k = t["kill"]
-    return f"job {k['job']} +{k['delay_s']:.1f}s" if k else "none"
+    if k is None:
+        return "none (every drawn job ended first)"
+    return f"job {k['job']} +{k['delay_s']:.1f}s" + (" (after it ended)" if k["after_end"] else "")
+
+
+def _landed(t: dict[str, Any]) -> bool:
+    if t["kind"] == "worker":
+        return t["kill"] is not None and not t["kill"]["after_end"]
+    return any(k["landed"] for k in t["kills"])
 
 
 def print_summary(trials: list[dict[str, Any]], ref: Reference) -> None:
@@ -506,9 +529,15 @@ def print_summary(trials: list[dict[str, Any]], ref: Reference) -> None:
             print(f"{'':11}{w}")
     for kind, need in (("sweep", "sweep-kill"), ("worker", "worker-kill")):
         ts = [t for t in trials if t["kind"] == kind]
-        landed = [t for t in ts if t.get("kill") or any(k["landed"] for k in t.get("kills", []))]
+        landed = [t for t in ts if _landed(t)]
         ok = [t for t in ts if not t["problems"]]
-        print(f"{need}: {len(ok)} of {len(ts)} trials pass; {len(landed)} had a kill land")
+        kills = sum(k["landed"] for t in ts for k in t.get("kills", [])) + sum(
+            kind == "worker" and _landed(t) for t in ts
+        )
+        print(
+            f"{need}: {len(ok)} of {len(ts)} trials pass; {len(landed)} had a kill land "
+            f"({kills} kills in all)"
+        )
     resumed = Counter(
         j["resumed_from_step"] or 0 for t in trials for j in t["jobs"] if j["attempts"] > 1
     )
@@ -540,8 +569,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--workers", type=int, default=2, help="worker slots of the sweep")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--trials-sweep", type=int, default=20)
-    ap.add_argument("--trials-worker", type=int, default=10)
+    ap.add_argument(
+        "--trials-sweep", type=int, default=20, help="sweep-kill trials in which a kill landed"
+    )
+    ap.add_argument(
+        "--trials-worker", type=int, default=10, help="worker-kill trials in which a kill landed"
+    )
     ap.add_argument(
         "--reference-runs",
         type=int,
@@ -556,6 +589,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--live-tree",
         action="store_true",
         help="run the working tree's moebench as it is at each moment, not a snapshot of it",
+    )
+    ap.add_argument(
+        "--sources",
+        type=Path,
+        default=None,
+        help="a snapshot from an earlier run (WORK/sources) to run again, instead of taking one",
     )
     ap.add_argument("--out", type=Path, default=None, help="JSON result file")
     args = ap.parse_args(argv)
@@ -588,9 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kill-trials-"))
     work.mkdir(parents=True, exist_ok=True)
     sweep_file, sources, digest = args.sweep_file.resolve(), None, "live working tree"
-    if not args.live_tree:
+    if args.sources:  # an earlier snapshot, to measure the same code again
+        sources, digest = args.sources.resolve(), sources_digest(args.sources)
+    elif not args.live_tree:
         sources = work / "sources"
         digest = snapshot_sources(sources)
+    if sources is not None:
         sweep_file = Path(shutil.copy(sweep_file, sources / sweep_file.name))
     sets = tuple(args.sets or DEFAULT_SETS)
     setup = Setup(sweep_file, sets, args.workers, args.threads, sources)
@@ -612,24 +654,30 @@ def main(argv: list[str] | None = None) -> int:
             ref.walls += reference(setup, work / f"reference-{n}").walls
             checks.append(verify(work / f"reference-{n}", ref)[0])
             print(f"reference {n} vs 0: {checks[-1] or 'equal'}", flush=True)
-        plan = ["sweep"] * args.trials_sweep + ["worker"] * args.trials_worker
-        for i, kind in enumerate(plan, 1):
-            root = work / f"trial-{i:02d}-{kind}"
-            trial = (sweep_trial if kind == "sweep" else worker_trial)(setup, ref, rng, root)
-            trials.append(trial)
-            print(
-                f"trial {i}/{len(plan)} {kind}: {_describe(trial)}, {trial['wall_s']} s, "
-                f"{'pass' if not trial['problems'] else trial['problems']}",
-                flush=True,
-            )
-            if not trial["problems"] and not args.keep:
-                shutil.rmtree(root, ignore_errors=True)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(result(info, ref, checks, trials))
+        for kind, need in (("sweep", args.trials_sweep), ("worker", args.trials_worker)):
+            landed = 0
+            # A trial whose sweep ended before its kill still checks a clean sweep, but does not
+            # count; so trials run until `need` had a kill land (at most 2 x need of them).
+            while landed < need and sum(t["kind"] == kind for t in trials) < 2 * need:
+                i = len(trials) + 1
+                root = work / f"trial-{i:02d}-{kind}"
+                trial = (sweep_trial if kind == "sweep" else worker_trial)(setup, ref, rng, root)
+                trials.append(trial)
+                landed += _landed(trial)
+                print(
+                    f"trial {i} {kind} ({landed} of {need} landed): {_describe(trial)}, "
+                    f"{trial['wall_s']} s, {trial['problems'] or 'pass'}",
+                    flush=True,
+                )
+                if not trial["problems"] and not args.keep:
+                    shutil.rmtree(root, ignore_errors=True)
+                if args.out:
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(result(info, ref, checks, trials))
     finally:
         for p in list(_LIVE):  # interrupted: stop what this script started, and its workers
-            os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
     print_summary(trials, ref)
     print(f"total {time.monotonic() - t0:.0f} s")
     return 0 if all(not t["problems"] for t in trials) and not any(checks) else 1

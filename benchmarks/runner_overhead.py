@@ -46,7 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kill_trials import snapshot_sources
+from kill_trials import snapshot_sources, sources_digest
 
 MOEBENCH = Path(sys.executable).with_name("moebench")
 LIMIT_S = 1.0
@@ -74,18 +74,24 @@ def sweep_file(path: Path, jobs: int, steps: int) -> Path:
 
 @dataclass
 class Watch:
-    """Worker processes seen through their job logs: pid, start and exit (epoch seconds)."""
+    """Worker processes seen through their job logs: pid, start and exit (epoch seconds), and
+    the CPU time the waiting successor spent from its predecessor's exit to its own claim: near
+    zero if it was only polling, about the gap if it was still importing."""
 
     logs: Path
     pids: dict[int, int] = field(default_factory=dict)  # run id -> pid
     spawned: dict[int, float] = field(default_factory=dict)
     exited: dict[int, float] = field(default_factory=dict)
+    waiting_cpu: dict[int, float] = field(default_factory=dict)  # successor pid -> CPU s at exit
+    catch_up_cpu: dict[int, float] = field(default_factory=dict)  # run id -> CPU s exit to claim
 
     def poll(self) -> None:
         now = time.time()
         for run_id, pid in self.pids.items():
             if run_id not in self.exited and not _alive(pid):
                 self.exited[run_id] = now
+                for spare in _waiting_on(pid):
+                    self.waiting_cpu[spare] = _cpu_s(spare) or 0.0
         if not self.logs.is_dir():
             return
         for log in self.logs.glob("run-*.log"):
@@ -96,9 +102,33 @@ class Watch:
             if m:
                 pid = int(m.group(3))
                 self.pids[run_id] = pid
-                started = _start_time(pid)
+                started, cpu = _start_time(pid), _cpu_s(pid)
                 if started is not None:
                     self.spawned[run_id] = started
+                if pid in self.waiting_cpu and cpu is not None:
+                    self.catch_up_cpu[run_id] = cpu - self.waiting_cpu[pid]
+
+
+def _waiting_on(pid: int) -> list[int]:
+    """Workers started with `--after-pid pid`: the slot's next worker."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0") if d.name.isdigit() else []
+        except OSError:
+            continue
+        if b"--after-pid" in args and args[args.index(b"--after-pid") + 1] == str(pid).encode():
+            found.append(int(d.name))
+    return found
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (10 ms ticks)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _alive(pid: int) -> bool:
@@ -191,6 +221,7 @@ def _job_times(run: dict[str, Any], watch: Watch, root: Path) -> dict[str, Any]:
         "finished": finished,
         "spawned": watch.spawned.get(run["id"]),
         "exited": watch.exited.get(run["id"]),
+        "catch_up_cpu_s": watch.catch_up_cpu.get(run["id"]),
         "claim_to_training_s": train - started if train is not None else None,
         "run_s": finished - started,
     }
@@ -215,23 +246,16 @@ def _stats(values: list[float]) -> str:
 
 def report(sweeps: list[dict[str, Any]], bare: list[tuple[float, float]]) -> dict[str, Any]:
     """Print the per-job table and the verdict; the figures for the JSON file."""
-    print(
-        f"{'rep':>3} {'job':>3} {'gap s':>6} {'exit s':>6} {'claim s':>7} {'spare lead s':>12} "
-        f"{'claim->train s':>14} {'run s':>6}"
-    )
+    cols = ("gap_s", "exit_s", "claim_s", "catch_up_cpu_s", "spawn_lead_s")
+    cols += ("claim_to_training_s", "run_s")
+    heads = ("gap s", "exit s", "claim s", "its CPU s", "spare lead s", "claim->train s", "run s")
+    print(f"{'rep':>3} {'job':>3} " + " ".join(f"{h:>{len(h)}}" for h in heads))
     for n, s in enumerate(sweeps, 1):
         for j in s["jobs"]:
-            cells = [j.get(k) for k in ("gap_s", "exit_s", "claim_s", "spawn_lead_s")]
-            cells += [j["claim_to_training_s"], j["run_s"]]
-            text = [f"{c:.3f}" if c is not None else "-" for c in cells]
-            print(
-                f"{n:>3} {j['id']:>3} {text[0]:>6} {text[1]:>6} {text[2]:>7} {text[3]:>12} "
-                f"{text[4]:>14} {text[5]:>6}"
-            )
-    pick = {
-        k: [j[k] for s in sweeps for j in s["jobs"] if j.get(k) is not None]
-        for k in ("gap_s", "exit_s", "claim_s", "spawn_lead_s", "claim_to_training_s")
-    }
+            cells = [f"{j[k]:.3f}" if j.get(k) is not None else "-" for k in cols]
+            row = " ".join(f"{c:>{len(h)}}" for c, h in zip(cells, heads, strict=True))
+            print(f"{n:>3} {j['id']:>3} {row}")
+    pick = {k: [j[k] for s in sweeps for j in s["jobs"] if j.get(k) is not None] for k in cols}
     first = [s["first_queue_to_start_s"] for s in sweeps]
     imports, exits = [b[0] for b in bare], [b[1] for b in bare]
     gaps = pick["gap_s"]
@@ -239,6 +263,7 @@ def report(sweeps: list[dict[str, Any]], bare: list[tuple[float, float]]) -> dic
     print(f"\nfinish to next start: {_stats(gaps)}")
     print(f"  predecessor exit after its last write: {_stats(pick['exit_s'])}")
     print(f"  successor claim after that exit: {_stats(pick['claim_s'])}")
+    print(f"    CPU the successor used meanwhile: {_stats(pick['catch_up_cpu_s'])}")
     print(f"  successor started before predecessor finished by: {_stats(pick['spawn_lead_s'])}")
     print(
         f"claim to training loop (data + model load + injection): "
@@ -277,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--live-tree", action="store_true", help="run the working tree, not a snapshot of it"
     )
+    ap.add_argument(
+        "--sources",
+        type=Path,
+        default=None,
+        help="a snapshot made by kill_trials.py (WORK/sources) to run, instead of taking one",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON result file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -284,12 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="runner-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    sources = args.sources or work / "sources"
     digest = "live working tree"
-    if not args.live_tree:  # the sources as they are now, whatever is edited meanwhile
-        digest = snapshot_sources(work / "sources")
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(work / "sources"), env.get("PYTHONPATH")])
-        )
+    if args.sources:
+        digest = sources_digest(sources)
+    elif not args.live_tree:  # the sources as they are now, whatever is edited meanwhile
+        digest = snapshot_sources(sources)
+    if not args.live_tree:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(sources), env.get("PYTHONPATH")]))
     load_start = os.getloadavg()
     bare, sweeps = [], []
     for n in range(args.repeats):  # an import timing next to each sweep: the load drifts
