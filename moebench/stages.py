@@ -259,7 +259,8 @@ def build_stage(store: db.Store, job: Job) -> Built:
     """Stage 2: the base model, the method's preparation (once per run), the adapted model."""
     spec, run_id = job.spec, job.run_id
     method = get_method(spec.method)
-    stored = db.get_produced(store, run_id).prepared
+    produced = db.get_produced(store, run_id)
+    stored = produced.prepared
 
     def prepare(model: torch.nn.Module, tokenizer: Any, device: torch.device, amp: Any) -> Any:
         job.examples = _tokenize(job, tokenizer, method)
@@ -274,7 +275,7 @@ def build_stage(store: db.Store, job: Job) -> Built:
     if closed != trainable:
         log.warning("closed-form count %d differs from counted %d", closed, trainable)
     db.update_run(store, run_id, trainable_params=trainable, total_params=total)
-    budget = db.get_produced(store, run_id).budget
+    budget = produced.budget
     if budget is not None:
         budget = {
             **budget,
@@ -454,42 +455,33 @@ def end(
     reason: str,
     kind: str | None = None,
 ) -> None:
-    """Record how a job ended without losing what it computed; never masks the original error."""
+    """Record how a job ended without losing what it computed; never masks the original error.
+
+    Shielded from SIGINT and SIGTERM: a second signal must not cut the record short."""
     with shielded():
-        _record_end(store, job, beat, owner, status, reason, kind)
-
-
-def _record_end(
-    store: db.Store,
-    job: Job,
-    beat: Heartbeat,
-    owner: str,
-    status: str,
-    reason: str,
-    kind: str | None,
-) -> None:
-    try:
-        job.logs.flush()
-        row = db.get_run(store, job.run_id)
-        ckpt = row.get("last_checkpoint")
-        last = job.logs.last_step
-        where = f" after step {last}" if last and "step" not in reason else ""
-        tail = (
-            (
-                f"; last checkpoint: {ckpt} (step {row.get('last_step')}); continue with "
-                f"`moebench run --resume {job.run_id}`"
+        try:
+            job.logs.flush()
+            row = db.get_run(store, job.run_id)
+            ckpt = row.get("last_checkpoint")
+            last = job.logs.last_step
+            where = f" after step {last}" if last and "step" not in reason else ""
+            tail = (
+                (
+                    f"; last checkpoint: {ckpt} (step {row.get('last_step')}); continue with "
+                    f"`moebench run --resume {job.run_id}`"
+                )
+                if ckpt
+                else "; no checkpoint was written yet"
             )
-            if ckpt
-            else "; no checkpoint was written yet"
-        )
-        if row["owner"] != owner:
-            return
-        db.update_run(store, job.run_id, wall_time_s=beat.wall_s())
-        q.add_failure(store, job.run_id, kind=kind or status_kind(status), reason=reason)
-        q.release(store, job.run_id, owner, status, f"{reason}{where}{tail}")
-    except Exception:  # the store itself failing must not hide why the run stopped
-        log.exception("could not record the end of run %d", job.run_id)
-
-
-def status_kind(status: str) -> str:
-    return "interrupted" if status == "interrupted" else "error"
+            if row["owner"] != owner:
+                return
+            db.update_run(store, job.run_id, wall_time_s=beat.wall_s())
+            q.add_failure(
+                store,
+                job.run_id,
+                kind=kind or ("interrupted" if status == "interrupted" else "error"),
+                reason=reason,
+            )
+            q.release(store, job.run_id, owner, status, f"{reason}{where}{tail}")
+        except Exception:  # the store itself failing must not hide why the run stopped
+            log.exception("could not record the end of run %d", job.run_id)

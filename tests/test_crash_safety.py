@@ -100,7 +100,7 @@ def test_the_oom_policy_halves_the_micro_batch_and_keeps_the_job(tmp_path: Path)
     assert row["status"] == "queued" and "micro batch size 4" in row["status_reason"]
     spec = spec_of(row)
     assert (spec.train.micro_batch_size, spec.train.accumulation) == (2, 2)
-    assert row["config_hash"] == resolve(options=OPTIONS, sets=SETS).hash  # the same job
+    assert row["config"] == run["config"]  # the same job: the spec as stored is untouched
     assert not (Path(row["output_dir"]) / "checkpoints").exists()  # set aside: other positions
     owner = q.new_owner()
     run_claimed(s, q.claim(s, owner, run_id=run["id"]), owner, RunEnv(db=url))
