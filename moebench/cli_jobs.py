@@ -257,7 +257,7 @@ def jobs_table(s: Any, sweep_name: str | None, status: str | None = None) -> Tab
     from moebench.store import jobs as q
 
     rows = q.list_jobs(s, sweep=sweep_name, status=status)
-    now = q.utcnow()
+    now = q.store_now(s)
     title = f"jobs{f' of sweep {sweep_name}' if sweep_name else ''} in {s.display_url}"
     table = Table(title=title, title_justify="left")
     for col in ("job", "method", "model", "seed", "status", "step", "loss", "ETA", "tries", "note"):

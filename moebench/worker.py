@@ -9,8 +9,10 @@ eval batch instead). It exits 0 after a job ended as done or failed, 130 when in
 when there was nothing to claim.
 
 `work_queue` keeps one such process per slot (a GPU, or `--workers N` on a CPU) until the queue
-is empty. To keep the gap between jobs small, a slot's next process is started while the current
-one runs: it imports torch and the rest, then waits for its predecessor to exit before it claims.
+is empty. To keep the gap between jobs small, a slot's next processes are started while the
+current one runs (`SPARES` of them, in a chain): each imports torch and the rest, then waits for
+its predecessor to exit before it claims. Two, not one, because a job shorter than an interpreter
+start (4-5 s on a loaded 2-core machine) would otherwise leave its successor still importing.
 Every process dies with the one that started it (Linux), so a killed sweep leaves no stray
 worker; its jobs are seen dead at once and resume from their checkpoints when it restarts.
 """
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 EXIT_NOTHING = 3
 POLL_S = 0.05
+SPARES = 2  # processes a slot keeps started ahead of its current one, each waiting on the last
 MAX_WORKER_ERRORS = 3
 
 
@@ -237,7 +240,7 @@ class Slot:
     name: str
     gpu: str | None
     current: Proc | None = None
-    spare: Proc | None = None
+    spares: list[Proc] = field(default_factory=list)  # in start order; each waits on the one before
     errors: int = 0  # worker processes in a row that ended in an error of their own
 
 
@@ -301,7 +304,7 @@ def work_queue(
     try:
         while True:
             for slot in slots:
-                _advance(slot, db_url, sweep, store, report)
+                _advance(slot, slots, db_url, sweep, store, report)
             busy = any(s.current for s in slots)
             if not busy and not _pending(store, sweep):
                 break
@@ -310,7 +313,7 @@ def work_queue(
                 last_tick = time.monotonic()
             time.sleep(POLL_S * 4)
     finally:
-        procs = [p for slot in slots for p in (slot.spare, slot.current) if p is not None]
+        procs = [p for slot in slots for p in [*reversed(slot.spares), slot.current] if p]
         for p in procs:
             if p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGTERM)
@@ -321,37 +324,51 @@ def work_queue(
     return report
 
 
-def _advance(slot: Slot, db_url: str | None, sweep: str | None, store: Any, r: QueueReport) -> None:
-    """Reap a finished process, promote the spare, and start a spare behind the current one."""
+def _advance(
+    slot: Slot, slots: list[Slot], db_url: str | None, sweep: str | None, store: Any, r: QueueReport
+) -> None:
+    """Reap a finished process, promote the first spare, and top the chain of spares up."""
     if slot.current is not None and slot.current.popen.poll() is not None:
-        code = slot.current.popen.returncode
-        out = slot.current.output()
-        if code not in (0, EXIT_NOTHING):
-            log.warning("worker on %s exited %s: %s", slot.name, code, out.strip()[-2000:])
-        # A negative code is a signal (a kill the job survives); a positive one other than 130
-        # is the worker itself failing (e.g. at import): spawning more would fail the same way.
-        slot.errors = slot.errors + 1 if code > 0 and code not in (EXIT_NOTHING, 130) else 0
-        if slot.errors >= MAX_WORKER_ERRORS:
-            raise WorkerError(
-                f"{MAX_WORKER_ERRORS} worker processes on {slot.name} in a row failed before "
-                f"finishing a job; the last said: {out.strip()[-500:] or 'nothing'}"
-            )
-        if code != EXIT_NOTHING:
-            r.ended += 1
-            r.exit_codes.append(code)
-        slot.current = None
-    if slot.current is None and slot.spare is not None:
-        slot.current, slot.spare = slot.spare, None
+        _reap(slot, r)
+    if slot.current is None and slot.spares:
+        slot.current = slot.spares.pop(0)
     if slot.current is None and _claimable_now(store, sweep):
         slot.current = _spawn(db_url, sweep, slot, None)
         r.started += 1
-    if slot.current is not None and slot.spare is None and _claimable_now(store, sweep):
-        slot.spare = _spawn(db_url, sweep, slot, slot.current.popen.pid)
+    # Every spare (of any slot) will try one claim: more spares than claimable jobs would only
+    # start and exit.
+    while slot.current is not None and len(slot.spares) < SPARES:
+        if _claimable_now(store, sweep) <= sum(len(s.spares) for s in slots):
+            break
+        last = slot.spares[-1] if slot.spares else slot.current
+        slot.spares.append(_spawn(db_url, sweep, slot, last.popen.pid))
         r.started += 1
 
 
-def _claimable_now(store: Any, sweep: str | None) -> bool:
-    return q.count_claimable(store, sweep=sweep)[0] > 0
+def _reap(slot: Slot, r: QueueReport) -> None:
+    """Account for the slot's current process, which has exited."""
+    assert slot.current is not None
+    code = slot.current.popen.returncode
+    out = slot.current.output()
+    if code not in (0, EXIT_NOTHING):
+        log.warning("worker on %s exited %s: %s", slot.name, code, out.strip()[-2000:])
+    # A negative code is a signal (a kill the job survives); a positive one other than 130
+    # is the worker itself failing (e.g. at import): spawning more would fail the same way.
+    slot.errors = slot.errors + 1 if code > 0 and code not in (EXIT_NOTHING, 130) else 0
+    if slot.errors >= MAX_WORKER_ERRORS:
+        raise WorkerError(
+            f"{MAX_WORKER_ERRORS} worker processes on {slot.name} in a row failed before "
+            f"finishing a job; the last said: {out.strip()[-500:] or 'nothing'}"
+        )
+    if code != EXIT_NOTHING:
+        r.ended += 1
+        r.exit_codes.append(code)
+    slot.current = None
+
+
+def _claimable_now(store: Any, sweep: str | None) -> int:
+    """How many jobs are waiting to be claimed (0: none, which reads as false)."""
+    return q.count_claimable(store, sweep=sweep)[0]
 
 
 def _pending(store: Any, sweep: str | None) -> bool:

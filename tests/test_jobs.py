@@ -115,6 +115,28 @@ def test_a_stale_heartbeat_from_another_host_counts_as_dead() -> None:
     assert q.owner_alive(q.new_owner(), fresh, now)
 
 
+def test_liveness_reads_the_stores_clock_not_the_workers(
+    queue_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker on another machine whose clock runs 10 minutes slow still looks alive to the
+    others on PostgreSQL: its claim and heartbeats are stamped by the server's clock."""
+    store = db.open_store(queue_url)
+    (run_id,) = _queue(store, 1)
+    slow = q.utcnow() - timedelta(minutes=10)
+    with monkeypatch.context() as m:
+        m.setattr(q, "utcnow", lambda: slow)  # the slow machine's view of the time
+        far = "far-host/0/0:4242:t"  # another host: only the heartbeat can show it alive
+        assert q.claim(store, far) is not None
+        assert q.heartbeat(store, run_id, far)
+    beat = db.get_run(store, run_id)["heartbeat_at"]
+    if store.engine.dialect.name == "postgresql":
+        assert abs(beat - q.utcnow()) < timedelta(seconds=30)
+        assert q.claim(store, q.new_owner()) is None  # not taken from a live owner
+        assert q.count_claimable(store) == (0, 1)
+    else:  # a SQLite file has no clock of its own: each writer stamps with its host's
+        assert beat == slow
+
+
 def test_cancel_is_seen_by_the_owners_next_heartbeat(tmp_path: Path) -> None:
     store = db.open_store(f"sqlite:///{tmp_path / 'c.db'}")
     (run_id,) = _queue(store, 1)

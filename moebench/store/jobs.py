@@ -6,6 +6,10 @@ claimant can win on SQLite and PostgreSQL alike, without locks held across state
 works, the owner beats a heartbeat; a `running` job whose owner stopped beating (or, on this
 host, whose process no longer exists) is dead, and the next claim takes it over and resumes it
 from its last checkpoint. Owners are `host:pid:token` strings, so a human can read who holds what.
+
+Every time the queue writes or compares (heartbeats, claims, liveness) is the database's own
+clock (`store_now`), not the caller's: on PostgreSQL shared by many machines, a worker whose
+clock runs a minute behind would otherwise look dead to the others, and its job run twice.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from moebench.errors import ConfigError
@@ -32,6 +36,17 @@ STALE_AFTER_S = 60.0
 # every time (the kernel's OOM killer, a segfault), and retrying forever would hide that.
 MAX_DEATHS = 10
 ACTIVE = ("queued", "running")
+
+
+def store_now(store: Store) -> datetime:
+    """The current time by the store's clock: PostgreSQL's `now()`, or this host's clock for a
+    SQLite file (whose every writer, if it is on a shared disk, reads its own host's clock: that
+    case is as good as the hosts' clock sync)."""
+    if store.engine.dialect.name != "postgresql":
+        return utcnow()
+    with store.session() as session:
+        now = session.execute(select(func.now())).scalar_one()
+    return now if now.tzinfo else now.replace(tzinfo=UTC)
 
 
 class AlreadyQueued(ConfigError):
@@ -112,7 +127,7 @@ def enqueue(
     It is `queued`, or with `owner` already `running` under that owner (`moebench run` works its
     own job at once, and no worker may take it in between).
     """
-    now = utcnow()
+    now = store_now(store)
     values = {
         "method": method,
         "model": model,
@@ -177,7 +192,7 @@ def claim(
     matches, zero rows change, and the next candidate is tried. The row comes back as it is
     after the claim, with `claimed_from`: the status it was taken in.
     """
-    now = utcnow()
+    now = store_now(store)
     with store.session() as session:
         candidates = session.execute(_claimable(sweep, run_id, any_unfinished)).all()
     for cid, status, old_owner, beat in candidates:
@@ -219,7 +234,7 @@ def _note_death(store: Store, run_id: int, old_owner: str | None) -> int:
 
 def count_claimable(store: Store, *, sweep: str | None = None) -> tuple[int, int]:
     """(jobs a claim would take now, jobs running under a live owner) in the queue or sweep."""
-    now = utcnow()
+    now = store_now(store)
     with store.session() as session:
         rows = session.execute(_claimable(sweep, None, False)).all()
     alive = sum(
@@ -235,7 +250,7 @@ def heartbeat(store: Store, run_id: int, owner: str, **fields: Any) -> bool:
 
     False when it no longer owns the job (another process took it over as dead, or a user
     cancelled it)."""
-    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    values: dict[str, Any] = {"heartbeat_at": store_now(store)}
     values.update({k: _coerce(RUNS, k, v) for k, v in fields.items()})
     with store.session() as session:
         stmt = update(RUNS).where(
@@ -250,7 +265,7 @@ def release(store: Store, run_id: int, owner: str, status: str, reason: str | No
     _coerce(RUNS, "status", status)
     values: dict[str, Any] = {"status": status, "status_reason": reason, "owner": None}
     if status in ("done", "failed", "cancelled"):
-        values["finished_at"] = utcnow()
+        values["finished_at"] = store_now(store)
     with store.session() as session:
         stmt = update(RUNS).where(
             RUNS.c.id == run_id, RUNS.c.owner == owner, RUNS.c.status == "running"
@@ -272,7 +287,7 @@ def add_failure(store: Store, run_id: int, *, kind: str, reason: str) -> list[di
                 "kind": kind,
                 "reason": reason,
                 "step": row.last_step,
-                "at": utcnow().isoformat(timespec="seconds"),
+                "at": store_now(store).isoformat(timespec="seconds"),
             }
         )
         session.execute(update(RUNS).where(RUNS.c.id == run_id).values(failures=failures))
@@ -301,7 +316,7 @@ def requeue(store: Store, run_id: int, reason: str) -> None:
     """Put a stopped job back in the queue (retry); refused while a live process holds it."""
     with store.session() as session:
         seen = _seen(session, store, run_id)
-        if owner_alive(seen.owner, seen.heartbeat_at, utcnow()):
+        if owner_alive(seen.owner, seen.heartbeat_at, store_now(store)):
             raise ConfigError(
                 f"Run {run_id} is still held by process {seen.owner}; wait for it to stop."
             )
@@ -324,7 +339,7 @@ def cancel(store: Store, run_id: int) -> str:
         values = {
             "status": "cancelled",
             "status_reason": f"cancelled by a user (was {seen.status})",
-            "finished_at": utcnow(),
+            "finished_at": store_now(store),
         }
         if not _changed(session, run_id, seen, **values):
             raise ConfigError(f"Run {run_id} changed while it was being cancelled; try again.")
@@ -338,7 +353,7 @@ def adopt(store: Store, run_id: int, sweep: str) -> bool:
     try:
         with store.session() as session:
             seen = _seen(session, store, run_id)
-            if owner_alive(seen.owner, seen.heartbeat_at, utcnow()):
+            if owner_alive(seen.owner, seen.heartbeat_at, store_now(store)):
                 return False
             return _changed(session, run_id, seen, sweep=sweep)
     except IntegrityError:
