@@ -20,9 +20,11 @@ Why it is built this way:
   the process's start time from /proc/<pid>/stat. The gap is then the predecessor's exit after
   its last write, plus the successor's noticing it and claiming. The start time shows whether
   the successor was started (and its imports done) while the predecessor still ran.
-* The first job has no predecessor to overlap with: its queue to start holds the rest of the
-  queueing, the first worker's interpreter start and its torch and moebench imports. It is
-  reported apart, next to a bare `import torch, moebench.runner` timed on the same machine.
+* The first job has no predecessor to overlap with. `moebench sweep` starts each slot's first
+  worker as soon as the store is open, so that its interpreter start and imports overlap the
+  queueing; its queue to start (`started_at - created_at`) is then what is left of them after
+  the job was queued, plus the claim. It is a criterion of its own (also under 1 s), shown next
+  to a bare `import torch, moebench.runner` timed on the same machine.
 * Beyond the acceptance, the claim to the loop's `training:` log line (data, model load,
   injection) is shown, so the part that is model loading is visible rather than assumed.
 """
@@ -259,7 +261,8 @@ def report(sweeps: list[dict[str, Any]], bare: list[tuple[float, float]]) -> dic
     first = [s["first_queue_to_start_s"] for s in sweeps]
     imports, exits = [b[0] for b in bare], [b[1] for b in bare]
     gaps = pick["gap_s"]
-    met = bool(gaps) and max(gaps) < LIMIT_S
+    met_gap = bool(gaps) and max(gaps) < LIMIT_S
+    met_first = bool(first) and max(first) < LIMIT_S
     print(f"\nfinish to next start: {_stats(gaps)}")
     print(f"  predecessor exit after its last write: {_stats(pick['exit_s'])}")
     print(f"  successor claim after that exit: {_stats(pick['claim_s'])}")
@@ -272,8 +275,11 @@ def report(sweeps: list[dict[str, Any]], bare: list[tuple[float, float]]) -> dic
     print(f"first job, queue to start (cold worker): {_stats(first)}")
     print(f"bare `import torch, moebench.runner` in a fresh interpreter: {_stats(imports)}")
     print(f"  and its exit after that (interpreter teardown): {_stats(exits)}")
-    verdict = "met" if met else "missed"
-    print(f"criterion finish-to-next-start < {LIMIT_S:.0f} s (every gap): {verdict}")
+    for what, ok in (
+        ("finish-to-next-start (every gap)", met_gap),
+        ("first queue-to-start", met_first),
+    ):
+        print(f"criterion {what} < {LIMIT_S:.0f} s: {'met' if ok else 'missed'}")
     summary = {
         k: {"median": statistics.median(v), "max": max(v), "n": len(v)}
         for k, v in pick.items()
@@ -281,7 +287,8 @@ def report(sweeps: list[dict[str, Any]], bare: list[tuple[float, float]]) -> dic
     }
     summary["first_queue_to_start_s"] = first
     summary["bare_import_s"], summary["bare_exit_s"] = imports, exits
-    summary["criterion_met"] = met
+    summary["criterion_gap_met"], summary["criterion_first_met"] = met_gap, met_first
+    summary["criterion_met"] = met_gap and met_first
     return summary
 
 

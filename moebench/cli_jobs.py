@@ -92,10 +92,12 @@ def sweep(
     if dry_run:
         _print_plan(plan, [estimate(j, data_dir) for j in plan.jobs])
         return
-    _queue(plan, db, data_dir, output_dir, retry_failed)
-    if queue_only:
+    n_workers = workers if workers is not None else plan.execution.workers
+    slots = None if queue_only else _slots(n_workers)
+    _queue(plan, db, data_dir, output_dir, retry_failed, slots)
+    if slots is None:
         return
-    _work(db, plan.name, workers if workers is not None else plan.execution.workers)
+    _work(db, plan.name, slots)
     _print_outcome(db, plan)
 
 
@@ -116,12 +118,26 @@ def _print_plan(plan: Any, estimates: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def _slots(workers: int | None) -> list[Any]:
+    from moebench.worker import plan_slots
+
+    return plan_slots(workers)
+
+
 def _queue(
-    plan: Any, db: str | None, data_dir: str | None, output_dir: str | None, retry: bool
+    plan: Any,
+    db: str | None,
+    data_dir: str | None,
+    output_dir: str | None,
+    retry: bool,
+    slots: list[Any] | None = None,
 ) -> list[int]:
-    """Queue the sweep's jobs that the store does not hold yet; nothing if any is unusable."""
+    """Queue the sweep's jobs that the store does not hold yet; nothing if any is unusable.
+
+    With `slots`, their first workers are started as soon as the store exists, so that their
+    start-up overlaps the queueing (see `worker.prestart`).
+    """
     from moebench import store
-    from moebench.runner import RunEnv, submit
     from moebench.store import jobs as q
     from moebench.suites import get_suite
     from moebench.suites import resolve as resolve_suite
@@ -129,6 +145,12 @@ def _queue(
     for suite, tasks in {(j.spec.suite, j.spec.eval.tasks) for j in plan.jobs}:
         resolve_suite(get_suite(suite), data_dir, tasks)  # missing data: one sentence, no job
     s = store.open_store(db)
+    if slots:
+        from moebench.worker import prestart
+
+        prestart(db, plan.name, slots)
+    from moebench.runner import RunEnv, submit
+
     have = q.find_jobs(s, [j.spec.hash for j in plan.jobs])
     env = RunEnv(db=db, data_dir=data_dir, output_dir=output_dir)
     new, kept = [], []
@@ -166,11 +188,10 @@ def _queue(
     return new
 
 
-def _work(db: str | None, sweep_name: str | None, workers: int | None) -> None:
+def _work(db: str | None, sweep_name: str | None, slots: list[Any]) -> None:
     from moebench.liveness import signals_interrupt
-    from moebench.worker import plan_slots, work_queue
+    from moebench.worker import work_queue
 
-    slots = plan_slots(workers)
     s = open_existing(db)
     console.print(
         f"working the queue with {len(slots)} worker(s): {', '.join(x.name for x in slots)}"
@@ -224,7 +245,7 @@ def worker(
 ) -> None:
     """Join a queue (from another shell or machine) and work it until it is empty."""
     _setup_logging(verbose)
-    _work(db, sweep_name, workers)
+    _work(db, sweep_name, _slots(workers))
 
 
 # --- jobs ------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ EXIT_NOTHING = 3
 POLL_S = 0.05
 SPARES = 2  # processes a slot keeps started ahead of its current one, each waiting on the last
 MAX_WORKER_ERRORS = 3
+PRESTART_WAIT_S = 120.0  # how long a worker started before the queueing waits for a job
 
 
 class WorkerError(MoebenchError):
@@ -88,8 +89,18 @@ def log_path(row: dict[str, Any]) -> Path:
     return root / "logs" / f"run-{row['id']}.log"
 
 
-def work_one(db_url: str | None, *, sweep: str | None = None, after_pid: int | None = None) -> int:
-    """Claim one job and work it in this process; the exit code `main` returns."""
+def work_one(
+    db_url: str | None,
+    *,
+    sweep: str | None = None,
+    after_pid: int | None = None,
+    wait_s: float = 0.0,
+) -> int:
+    """Claim one job and work it in this process; the exit code `main` returns.
+
+    `wait_s` is for a worker started before its jobs are queued (`prestart`): it waits up to
+    that long for something to claim instead of leaving at once.
+    """
     import torch  # imported before waiting, so the gap between jobs holds no import time
 
     from moebench import runner
@@ -100,6 +111,11 @@ def work_one(db_url: str | None, *, sweep: str | None = None, after_pid: int | N
     _wait_for(after_pid)
     owner = q.new_owner()
     row = q.claim(store, owner, sweep=sweep)
+    deadline = time.monotonic() + wait_s
+    while row is None and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        if q.count_claimable(store, sweep=sweep)[0]:
+            row = q.claim(store, owner, sweep=sweep)
     if row is None:
         return EXIT_NOTHING
     _log_to_file(log_path(row))
@@ -200,12 +216,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser.add_argument("--sweep", default=None)
     parser.add_argument("--after-pid", type=int, default=None)
     parser.add_argument("--parent", type=int, default=None)
+    parser.add_argument("--wait-s", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.parent:
         _die_with_parent(args.parent)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        code = work_one(args.db, sweep=args.sweep, after_pid=args.after_pid)
+        code = work_one(args.db, sweep=args.sweep, after_pid=args.after_pid, wait_s=args.wait_s)
     except KeyboardInterrupt:  # stopped while waiting its turn: nothing was claimed
         code = 130
     # The job is stored (every write committed): leave without the interpreter's teardown of
@@ -269,8 +286,12 @@ def plan_slots(workers: int | None) -> list[Slot]:
     return [Slot(f"cpu{i}", None) for i in range(workers)]
 
 
-def _spawn(db_url: str | None, sweep: str | None, slot: Slot, after: int | None) -> Proc:
+def _spawn(
+    db_url: str | None, sweep: str | None, slot: Slot, after: int | None, wait_s: float = 0.0
+) -> Proc:
     cmd = [sys.executable, "-m", "moebench.worker", "--parent", str(os.getpid())]
+    if wait_s:
+        cmd += ["--wait-s", str(wait_s)]
     if db_url:
         cmd += ["--db", db_url]
     if sweep:
@@ -287,6 +308,29 @@ def _spawn(db_url: str | None, sweep: str | None, slot: Slot, after: int | None)
     return Proc(popen, scratch)
 
 
+def prestart(db_url: str | None, sweep: str | None, slots: list[Slot]) -> None:
+    """Start each slot's first worker while the jobs are still being queued.
+
+    A worker's interpreter start and imports take seconds; begun before the queueing (which
+    itself imports torch to build the specs), they overlap it, so the first job is claimed
+    moments after it is queued instead of one cold start later. Call it once the store exists
+    (two processes must not create its schema at once). `work_queue` adopts these processes.
+    """
+    for slot in slots:
+        if slot.current is None:
+            slot.current = _spawn(db_url, sweep, slot, None, wait_s=PRESTART_WAIT_S)
+
+
+def _drop_idle_prestarted(slots: list[Slot]) -> None:
+    """Nothing was queued: stop the workers `prestart` began, which would only wait and leave."""
+    for slot in slots:
+        if slot.current is not None:
+            slot.current.popen.send_signal(signal.SIGTERM)
+            slot.current.popen.wait()
+            slot.current.output()
+            slot.current = None
+
+
 def work_queue(
     db_url: str | None,
     *,
@@ -299,7 +343,10 @@ def work_queue(
     from moebench import store as db
 
     store = db.open_store(db_url)
-    report = QueueReport()
+    report = QueueReport(started=sum(1 for s in slots if s.current))
+    if report.started and not _pending(store, sweep):
+        _drop_idle_prestarted(slots)
+        report.started = 0
     last_tick = 0.0
     try:
         while True:

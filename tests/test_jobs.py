@@ -267,3 +267,34 @@ def test_one_sweep_never_holds_two_jobs_of_one_spec(queue_url: str) -> None:
     plain = [r for r in q.list_jobs(store) if r["sweep"] is None]
     assert not q.adopt(store, plain[0]["id"], "s")  # "s" has this spec already
     assert [r["id"] for r in q.list_jobs(store, sweep="s")] == [first]
+
+
+def _early_worker(url: str, cwd: Path, wait_s: float) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "moebench.worker", "--db", url, "--sweep", "s"]
+    return subprocess.Popen(
+        [*cmd, "--wait-s", str(wait_s)], cwd=cwd, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_a_worker_started_before_its_job_is_queued_claims_it_when_it_comes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    store = db.open_store(url)  # the store exists before the worker starts, as prestart asks
+    worker = _early_worker(url, tmp_path, 120)
+    spec = resolve(options={**SPEC, "max_steps": 2}, sets=SETS)
+    run_id = submit(store, spec, RunEnv(output_dir=str(tmp_path / "out")), sweep="s")
+    assert worker.wait(timeout=300) == 0
+    row = db.get_run(store, run_id)
+    assert row["status"] == "done" and row["attempts"] == 1
+    from moebench.worker import log_path
+
+    # The early worker, not another process, ran it.
+    assert f"attempt 1 of run {run_id} as" in log_path(row).read_text()
+    assert f":{worker.pid}:" in log_path(row).read_text()
+
+
+def test_an_early_worker_with_nothing_to_claim_leaves_after_its_wait(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    db.open_store(url)
+    from moebench.worker import EXIT_NOTHING
+
+    assert _early_worker(url, tmp_path, 0.5).wait(timeout=120) == EXIT_NOTHING
