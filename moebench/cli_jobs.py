@@ -88,13 +88,18 @@ def sweep(
     from moebench.sweep_estimate import estimate
 
     _setup_logging(verbose)
-    plan = load_sweep(file, parse_sets(set_ or []))
-    if dry_run:
-        _print_plan(plan, [estimate(j, data_dir) for j in plan.jobs])
-        return
-    n_workers = workers if workers is not None else plan.execution.workers
-    slots = None if queue_only else _slots(n_workers)
-    _queue(plan, db, data_dir, output_dir, retry_failed, slots)
+    early = None if dry_run or queue_only else _start_early(db)
+    try:
+        plan = load_sweep(file, parse_sets(set_ or []))
+        if dry_run:
+            _print_plan(plan, [estimate(j, data_dir) for j in plan.jobs])
+            return
+        n_workers = workers if workers is not None else plan.execution.workers
+        slots = None if queue_only else _slots(n_workers)
+        _queue(plan, db, data_dir, output_dir, retry_failed, slots, early)
+    finally:
+        if early is not None:  # not handed over (a bad file, say): it leaves untouched
+            early.retire()
     if slots is None:
         return
     _work(db, plan.name, slots)
@@ -118,6 +123,12 @@ def _print_plan(plan: Any, estimates: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def _start_early(db: str | None) -> Any:
+    from moebench.worker import start_early
+
+    return start_early(db)
+
+
 def _slots(workers: int | None) -> list[Any]:
     from moebench.worker import plan_slots
 
@@ -131,6 +142,7 @@ def _queue(
     output_dir: str | None,
     retry: bool,
     slots: list[Any] | None = None,
+    early: Any = None,
 ) -> list[int]:
     """Queue the sweep's jobs that the store does not hold yet; nothing if any is unusable.
 
@@ -148,7 +160,7 @@ def _queue(
     if slots:
         from moebench.worker import prestart
 
-        prestart(db, plan.name, slots)
+        prestart(db, plan.name, slots, early)
     from moebench.runner import RunEnv, submit
 
     have = q.find_jobs(s, [j.spec.hash for j in plan.jobs])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -95,11 +96,14 @@ def work_one(
     sweep: str | None = None,
     after_pid: int | None = None,
     wait_s: float = 0.0,
+    await_go: bool = False,
 ) -> int:
     """Claim one job and work it in this process; the exit code `main` returns.
 
     `wait_s` is for a worker started before its jobs are queued (`prestart`): it waits up to
-    that long for something to claim instead of leaving at once.
+    that long for something to claim instead of leaving at once. With `await_go` (an early
+    worker, see `start_early`) it first reads its sweep and GPU from one line on stdin, sent
+    once the store exists; end of input means there is nothing for it.
     """
     import torch  # imported before waiting, so the gap between jobs holds no import time
 
@@ -107,6 +111,14 @@ def work_one(
     from moebench import store as db
     from moebench.liveness import JobLost
 
+    if await_go:
+        line = sys.stdin.readline()
+        if not line.strip():
+            return EXIT_NOTHING
+        go = json.loads(line)
+        sweep = go.get("sweep")
+        if go.get("gpu") is not None:  # before any CUDA call, so it still takes effect
+            os.environ["CUDA_VISIBLE_DEVICES"] = go["gpu"]
     store = db.open_store(db_url)  # opened (and its schema checked) before the wait, too
     _wait_for(after_pid)
     owner = q.new_owner()
@@ -217,12 +229,19 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser.add_argument("--after-pid", type=int, default=None)
     parser.add_argument("--parent", type=int, default=None)
     parser.add_argument("--wait-s", type=float, default=0.0)
+    parser.add_argument("--await-go", action="store_true")
     args = parser.parse_args(argv)
     if args.parent:
         _die_with_parent(args.parent)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        code = work_one(args.db, sweep=args.sweep, after_pid=args.after_pid, wait_s=args.wait_s)
+        code = work_one(
+            args.db,
+            sweep=args.sweep,
+            after_pid=args.after_pid,
+            wait_s=args.wait_s,
+            await_go=args.await_go,
+        )
     except KeyboardInterrupt:  # stopped while waiting its turn: nothing was claimed
         code = 130
     # The job is stored (every write committed): leave without the interpreter's teardown of
@@ -242,6 +261,12 @@ class Proc:
 
     popen: subprocess.Popen[bytes]
     scratch: Any
+
+    def retire(self) -> None:
+        """An early worker never told its sweep: closing its stdin sends it away untouched."""
+        if self.popen.stdin is not None and not self.popen.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.popen.stdin.close()
 
     def output(self) -> str:
         self.scratch.seek(0)
@@ -287,38 +312,68 @@ def plan_slots(workers: int | None) -> list[Slot]:
 
 
 def _spawn(
-    db_url: str | None, sweep: str | None, slot: Slot, after: int | None, wait_s: float = 0.0
+    db_url: str | None,
+    sweep: str | None,
+    slot: Slot | None,
+    after: int | None,
+    wait_s: float = 0.0,
+    early: bool = False,
 ) -> Proc:
     cmd = [sys.executable, "-m", "moebench.worker", "--parent", str(os.getpid())]
-    if wait_s:
-        cmd += ["--wait-s", str(wait_s)]
     if db_url:
         cmd += ["--db", db_url]
     if sweep:
         cmd += ["--sweep", sweep]
     if after:
         cmd += ["--after-pid", str(after)]
+    if wait_s:
+        cmd += ["--wait-s", str(wait_s)]
+    if early:
+        cmd += ["--await-go"]
     env = dict(os.environ)
-    if slot.gpu is not None:
+    if slot is not None and slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpu
     # Until it knows its job, a worker's output (an import error, say) goes to a scratch file
     # the pool reads when it exits; a pipe could fill up while the worker waits its turn.
     scratch = tempfile.TemporaryFile()  # noqa: SIM115 (closed by Proc.output)
-    popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=scratch, stderr=scratch)
+    stdin = subprocess.PIPE if early else subprocess.DEVNULL
+    popen = subprocess.Popen(cmd, env=env, stdin=stdin, stdout=scratch, stderr=scratch)
     return Proc(popen, scratch)
 
 
-def prestart(db_url: str | None, sweep: str | None, slots: list[Slot]) -> None:
+def start_early(db_url: str | None) -> Proc:
+    """A worker started before anything is known but the store's URL: the first thing a sweep does.
+
+    Its interpreter start and imports (seconds) then overlap the sweep's own (the sweep file's
+    specs import torch too) and its queueing. It touches nothing until `prestart` tells it its
+    sweep and GPU, after the store exists; if the sweep stops first (a bad file), its stdin
+    closes and it leaves without opening the store, so no database is created.
+    """
+    return _spawn(db_url, None, None, None, wait_s=PRESTART_WAIT_S, early=True)
+
+
+def prestart(
+    db_url: str | None, sweep: str | None, slots: list[Slot], early: Proc | None = None
+) -> None:
     """Start each slot's first worker while the jobs are still being queued.
 
-    A worker's interpreter start and imports take seconds; begun before the queueing (which
-    itself imports torch to build the specs), they overlap it, so the first job is claimed
-    moments after it is queued instead of one cold start later. Call it once the store exists
-    (two processes must not create its schema at once). `work_queue` adopts these processes.
+    A worker's interpreter start and imports take seconds; begun before the queueing, they
+    overlap it, so the first job is claimed moments after it is queued instead of one cold
+    start later. Call it once the store exists (two processes must not create its schema at
+    once). The first slot takes over `early` (from `start_early`), if given. `work_queue`
+    adopts these processes.
     """
     for slot in slots:
-        if slot.current is None:
-            slot.current = _spawn(db_url, sweep, slot, None, wait_s=PRESTART_WAIT_S)
+        if slot.current is not None:
+            continue
+        if early is not None and early.popen.stdin is not None:
+            go = {"sweep": sweep, "gpu": slot.gpu}
+            with contextlib.suppress(BrokenPipeError):
+                early.popen.stdin.write((json.dumps(go) + "\n").encode())
+            early.retire()
+            slot.current, early = early, None
+            continue
+        slot.current = _spawn(db_url, sweep, slot, None, wait_s=PRESTART_WAIT_S)
 
 
 def _drop_idle_prestarted(slots: list[Slot]) -> None:

@@ -298,3 +298,14 @@ def test_an_early_worker_with_nothing_to_claim_leaves_after_its_wait(tmp_path: P
     from moebench.worker import EXIT_NOTHING
 
     assert _early_worker(url, tmp_path, 0.5).wait(timeout=120) == EXIT_NOTHING
+
+
+def test_an_early_worker_sent_away_before_the_store_exists_creates_nothing(tmp_path: Path) -> None:
+    from moebench.worker import EXIT_NOTHING, start_early
+
+    path = tmp_path / "never.db"
+    early = start_early(f"sqlite:///{path}")
+    early.retire()  # what a sweep does when its file turns out bad
+    assert early.popen.wait(timeout=120) == EXIT_NOTHING
+    early.output()
+    assert not path.exists()
