@@ -84,12 +84,13 @@ def sweep(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
 ) -> None:
     """Expand a sweep file into jobs, queue the missing ones, and work the queue until empty."""
-    from moebench.sweep import load_sweep
-    from moebench.sweep_estimate import estimate
-
     _setup_logging(verbose)
+    # First of all, before this process imports torch (reading the file does): see start_early.
     early = None if dry_run or queue_only else _start_early(db)
     try:
+        from moebench.sweep import load_sweep
+        from moebench.sweep_estimate import estimate
+
         plan = load_sweep(file, parse_sets(set_ or []))
         if dry_run:
             _print_plan(plan, [estimate(j, data_dir) for j in plan.jobs])
