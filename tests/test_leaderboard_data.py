@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from moebench import store as db
+from moebench.run_records import store_router_summary
 
 MODEL = "tiny-llama"
 SUITE = "mini"
@@ -30,7 +31,9 @@ PLAN: dict[str, tuple[int, int, tuple[int, ...], float]] = {
     "loramoe": (8, 9_900, (0, 1, 2), 0.0),
     "loracoe": (8, 10_200, (0, 1, 2), 0.2),
     "mixlora": (8, 30_000, (0, 1), 0.1),
+    "lora_smoe": (8, 50_000, (0,), 0.05),
 }
+MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
 
 
 def protocol_of(task: str) -> str:
@@ -108,21 +111,50 @@ def add_run(store: db.Store, method: str, seed: int, *, status: str = "done", **
             )
     db.add_metrics(store, run_id, metrics)
     db.add_predictions(store, run_id, preds)
+    _training_records(store, run_id, method)
+    return run_id
+
+
+def _router_stats(method: str, step: int) -> dict[str, float]:
+    """What `Adapted.collect_stats` logs: per module, expert load (top-k) or rank share."""
+    if method == "mixlora":
+        kind, width = "load", 2
+    elif method == "loracoe":
+        kind, width = "share", PLAN[method][0]
+    else:
+        return {}
+    out = {}
+    for m, module in enumerate(MODULES):
+        raw = [1.0 + ((j + m + step) % width) / width for j in range(width)]
+        out.update({f"{module}.{kind}.{j}": v / sum(raw) for j, v in enumerate(raw)})
+    return out
+
+
+def _training_records(store: db.Store, run_id: int, method: str) -> None:
+    """Training log, router summary (the runner's own function), phase switch, allocation."""
     db.log_steps(
         store,
         run_id,
         [
-            {"step": s, "loss": 2.0 / s, "lr": 1e-3, "aux_losses": {"balance": 0.01 * s}}
+            {
+                "step": s,
+                "loss": 2.0 / s,
+                "lr": 1e-3 * min(1.0, s / 5),
+                "aux_losses": {"balance": 0.01 * s} if method != "lora" else None,
+                "stats": _router_stats(method, s) or None,
+            }
             for s in range(1, 21)
         ],
     )
-    db.put_artifact(
-        store,
-        run_id,
-        "router_stats",
-        {"layers.0.q_proj": {"load": [0.6, 0.4]}, "layers.1.q_proj": {"load": [0.3, 0.7]}},
-    )
-    return run_id
+    store_router_summary(store, run_id)
+    if method == "loracoe":
+        switch = [{"step": 10, "from": "warmup", "to": "joint"}]
+        db.put_artifact(store, run_id, "phase_switches", switch)
+    if method == "lora_smoe":
+        allocation = [f"{m}={n}" for m, n in zip(MODULES, (2, 5), strict=True)]
+        db.put_artifact(
+            store, run_id, "prepared", {"method_config": {"allocation": allocation}, "notes": []}
+        )
 
 
 def seed_store(path: Path) -> str:
