@@ -23,12 +23,14 @@ if not options.methods:
     st.stop()
 
 with st.sidebar:
-    models = st.multiselect("Model", options.models)
-    suites = st.multiselect("Suite", options.suites)
-    methods = st.multiselect("Method", options.methods)
-    protocols = st.multiselect("Protocol", options.protocols)
-    target = st.number_input("Target trainable parameters (0: none)", min_value=0, step=1000)
-    band = st.slider("Budget band (+/- %)", 1, 50, int(DEFAULT_BAND * 100)) / 100
+    models = st.multiselect("Model", key="f_model", options=options.models)
+    suites = st.multiselect("Suite", key="f_suite", options=options.suites)
+    methods = st.multiselect("Method", key="f_method", options=options.methods)
+    protocols = st.multiselect("Protocol", key="f_protocol", options=options.protocols)
+    target = st.number_input(
+        "Target trainable parameters (0: none)", min_value=0, step=1000, key="f_target"
+    )
+    band = st.slider("Budget band (+/- %)", 1, 50, int(DEFAULT_BAND * 100), key="f_band") / 100
 
 filters = BoardFilters(
     models=tuple(models),
