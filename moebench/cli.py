@@ -823,10 +823,8 @@ def runs_summary(
 
 
 # `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
-from moebench import (
-    cli_jobs,  # noqa: F401
-    cli_leaderboard,  # noqa: F401
-)
+import moebench.cli_leaderboard  # noqa: E402, F401  (`leaderboard`, bundles)
+from moebench import cli_jobs  # noqa: E402, F401
 
 
 def main() -> None:
