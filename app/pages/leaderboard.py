@@ -47,8 +47,8 @@ if not view.rows:
 
 score_cols = view.score_columns()
 frame = pd.DataFrame(records(view))
-identity = ["rank", "method", "model", "suite", "n_seeds", "trainable_params", "pct_of_base"]
-default = identity + ["active_params"] + [c for c in score_cols if c.endswith("_avg")]
+identity = ["rank", "method", "model", "n_seeds", "trainable_params", "pct_of_base"]
+default = identity + [c for c in score_cols if c.endswith("_avg")]
 default += [OVERALL, f"{OVERALL}_low", f"{OVERALL}_high", "vs_lora", "vs_lora_verdict"]
 default = [c for c in default if c in frame.columns]
 shown = st.multiselect("Columns", list(frame.columns), default=default)
@@ -68,7 +68,14 @@ if filters.target_params:
         f"Compared: rows within ±{band:.0%} of {filters.target_params:,} trainable parameters; "
         "others are greyed, their budget shown."
     )
-st.dataframe(styled, hide_index=True, key="main_table")
+score_like = [c for c in table.columns if c.split("_low")[0].split("_high")[0] in score_cols]
+formats = {c: st.column_config.NumberColumn(format="%.2f") for c in score_like}
+formats["vs_lora"] = st.column_config.NumberColumn(format="%+.2f")
+formats["rank"] = st.column_config.NumberColumn(format="%d")
+formats["pct_of_base"] = st.column_config.NumberColumn("% of base", format="%.3f")
+for c in ("trainable_params", "active_params"):
+    formats[c] = st.column_config.NumberColumn(format="localized")
+st.dataframe(styled, hide_index=True, key="main_table", column_config=formats)
 st.caption(
     "Scores in %, mean over seeds with the 95% Student-t interval. vs_lora: paired bootstrap "
     "difference against LoRA at the same budget; a verdict only where its interval excludes 0. "
