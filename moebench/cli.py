@@ -823,6 +823,7 @@ def runs_summary(
 
 
 # `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
+import moebench.cli_leaderboard  # noqa: E402, F401  (`leaderboard`, bundles)
 from moebench import cli_jobs  # noqa: E402, F401
 
 
