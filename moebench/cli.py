@@ -823,7 +823,8 @@ def runs_summary(
 
 
 # `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
-from moebench import cli_jobs  # noqa: E402, F401
+# `analyze` likewise.
+from moebench import cli_analyze, cli_jobs  # noqa: E402, F401
 
 
 def main() -> None:
