@@ -823,8 +823,9 @@ def runs_summary(
 
 
 # `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
+# `analyze` likewise.
 import moebench.cli_leaderboard  # noqa: E402, F401  (`leaderboard`, bundles)
-from moebench import cli_jobs  # noqa: E402, F401
+from moebench import cli_analyze, cli_jobs  # noqa: E402, F401
 
 
 def main() -> None:
