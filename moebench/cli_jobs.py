@@ -17,7 +17,7 @@ from rich.table import Table
 
 from moebench.cli import DbOpt, _setup_logging, app, console, err
 from moebench.config import parse_sets
-from moebench.errors import ConfigError, NotFoundError
+from moebench.errors import ConfigError
 
 jobs_app = typer.Typer(
     help="The job queue: list, show (with log tail), cancel and retry jobs.",
@@ -36,29 +36,10 @@ WorkersOpt = Annotated[
 
 
 def open_existing(db: str | None) -> Any:
-    """The store for a read command: a SQLite file that does not exist is not created."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
-
+    """The store for a read command: one that does not exist is not created."""
     from moebench import store
 
-    url = store.resolve_db_url(db)
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database).expanduser()
-        if not path.is_file():
-            raise NotFoundError(
-                f"There is no results database at '{path}'; `moebench run` or `moebench sweep` "
-                "creates one (or pass --db)."
-            )
-    try:
-        return store.open_store(url)
-    except SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
-        raise NotFoundError(
-            f"The results database {store.db.display_url(url)} cannot be opened ({reason}); "
-            "check the --db path or URL."
-        ) from None
+    return store.open_existing_store(db)
 
 
 @app.command()
@@ -158,6 +139,8 @@ def _queue(
     for suite, tasks in {(j.spec.suite, j.spec.eval.tasks) for j in plan.jobs}:
         resolve_suite(get_suite(suite), data_dir, tasks)  # missing data: one sentence, no job
     s = store.open_store(db)
+    if s.created:
+        console.print(f"created a new results store at {s.display_url}")
     if slots:
         from moebench.worker import prestart
 

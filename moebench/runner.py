@@ -10,6 +10,7 @@ submit, claim and run in one process; a sweep's workers call `run_claimed` on wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +98,16 @@ def execute(
     observer: Observer | None = None,
     *,
     budget: dict[str, Any] | None = None,
+    on_new_store: Callable[[str], None] | None = None,
 ) -> int:
     """Run one job now, in this process (`moebench run`): validate, store it as running under
-    this process (so no worker can take it), run it."""
+    this process (so no worker can take it), run it. `on_new_store` hears the store's URL if
+    this call had to create it (a misspelt --db shows at once)."""
     # Everything that can be wrong with the inputs is checked before anything is stored.
     suite, data = load_data(spec, env.data_dir)
     store = db.open_store(env.db)
+    if store.created and on_new_store is not None:
+        on_new_store(store.display_url)
     owner = q.new_owner()
     run_id = submit(store, spec, env, budget=budget, owner=owner)
     row = {**db.get_run(store, run_id), "claimed_from": "queued"}
@@ -111,7 +116,7 @@ def execute(
 
 def resume(run_id: int, env: RunEnv, observer: Observer | None = None) -> int:
     """Continue a stopped run from its last usable checkpoint under its stored spec."""
-    store = db.open_store(env.db)
+    store = db.open_existing_store(env.db)
     row = db.get_run(store, run_id)
     if row["status"] == "done":
         raise ConfigError(f"Run {run_id} is already done; nothing to resume.")

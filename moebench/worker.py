@@ -85,9 +85,12 @@ def _log_to_file(path: Path) -> None:
 
 
 def log_path(row: dict[str, Any]) -> Path:
-    """Where a job's processes write their log (one file per job, attempts appended)."""
+    """Where a job's processes write their log (one file per job, attempts appended), named
+    like its output folder, so runs of two stores sharing an output root keep apart."""
+    from moebench.paths import run_folder_name
+
     root = Path((row.get("execution") or {}).get("output_root") or "results/runs")
-    return root / "logs" / f"run-{row['id']}.log"
+    return root / "logs" / f"{run_folder_name(row)}.log"
 
 
 def work_one(
