@@ -79,7 +79,8 @@ def submit(
         seed=spec.seed,
         execution={
             "output_root": str(root.expanduser().resolve()),
-            "data_dir": env.data_dir,
+            # absolute, like the output root: a worker elsewhere (a Ray task) has another cwd
+            "data_dir": str(Path(env.data_dir).expanduser().resolve()) if env.data_dir else None,
             **(execution or {}),
         },
         sweep=sweep,

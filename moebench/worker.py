@@ -100,8 +100,11 @@ def work_one(
     after_pid: int | None = None,
     wait_s: float = 0.0,
     await_go: bool = False,
+    run_id: int | None = None,
 ) -> int:
     """Claim one job and work it in this process; the exit code `main` returns.
+
+    `run_id` claims that job only (a Ray task works the one job it was scheduled for).
 
     `wait_s` is for a worker started before its jobs are queued (`prestart`): it waits up to
     that long for something to claim instead of leaving at once. With `await_go` (an early
@@ -125,12 +128,12 @@ def work_one(
     store = db.open_store(db_url)  # opened (and its schema checked) before the wait, too
     _wait_for(after_pid)
     owner = q.new_owner()
-    row = q.claim(store, owner, sweep=sweep)
+    row = q.claim(store, owner, sweep=sweep, run_id=run_id)
     deadline = time.monotonic() + wait_s
     while row is None and time.monotonic() < deadline:
         time.sleep(POLL_S)
         if q.count_claimable(store, sweep=sweep)[0]:
-            row = q.claim(store, owner, sweep=sweep)
+            row = q.claim(store, owner, sweep=sweep, run_id=run_id)
     if row is None:
         return EXIT_NOTHING
     _log_to_file(log_path(row))
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser.add_argument("--parent", type=int, default=None)
     parser.add_argument("--wait-s", type=float, default=0.0)
     parser.add_argument("--await-go", action="store_true")
+    parser.add_argument("--run-id", type=int, default=None)
     args = parser.parse_args(argv)
     if args.parent:
         _die_with_parent(args.parent)
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             after_pid=args.after_pid,
             wait_s=args.wait_s,
             await_go=args.await_go,
+            run_id=args.run_id,
         )
     except KeyboardInterrupt:  # stopped while waiting its turn: nothing was claimed
         code = 130
