@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moebench import store as db
+from moebench.distributed import check_gpus
 from moebench.errors import ConfigError, MoebenchError
 from moebench.liveness import Heartbeat, JobLost, signals_interrupt
 from moebench.provenance import git_sha, package_versions
@@ -97,14 +98,18 @@ def execute(
     observer: Observer | None = None,
     *,
     budget: dict[str, Any] | None = None,
+    gpus: int = 1,
 ) -> int:
     """Run one job now, in this process (`moebench run`): validate, store it as running under
-    this process (so no worker can take it), run it."""
+    this process (so no worker can take it), run it; with `gpus` > 1 its training runs on that
+    many data-parallel ranks (moebench.distributed), an execution setting like the retries."""
     # Everything that can be wrong with the inputs is checked before anything is stored.
+    check_gpus(gpus, spec.train.batch_size, spec.train.micro_batch_size)
     suite, data = load_data(spec, env.data_dir)
     store = db.open_store(env.db)
     owner = q.new_owner()
-    run_id = submit(store, spec, env, budget=budget, owner=owner)
+    execution = {"gpus": gpus} if gpus > 1 else None
+    run_id = submit(store, spec, env, budget=budget, owner=owner, execution=execution)
     row = {**db.get_run(store, run_id), "claimed_from": "queued"}
     return run_claimed(store, row, owner, env, observer, loaded=(suite, data))
 
