@@ -184,6 +184,13 @@ class LoRACoELinear(AdapterLayer):
         self._norm_sum = total if self._norm_sum is None else self._norm_sum + total
         self._norm_tokens = count if self._norm_tokens is None else self._norm_tokens + count
 
+    def stat_sums(self) -> dict[str, torch.Tensor | None]:
+        return {**super().stat_sums(), "norm_sum": self._norm_sum, "norm_tokens": self._norm_tokens}
+
+    def set_stat_sums(self, sums: dict[str, torch.Tensor | None]) -> None:
+        super().set_stat_sums(sums)
+        self._norm_sum, self._norm_tokens = sums.get("norm_sum"), sums.get("norm_tokens")
+
     def stats(self) -> dict[str, float]:
         """Per-rank mean gate (`share.j`), gate entropy, and the adapter output's mean L2 norm."""
         out = self.router_stats.summary() if self.gated() else {}

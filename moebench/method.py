@@ -174,6 +174,24 @@ class AdapterLayer(nn.Module):
         """
         return {}
 
+    def stat_sums(self) -> dict[str, torch.Tensor | None]:
+        """The running sums `stats()` forms its means from, keyed by name, so that the ranks of
+        one job (moebench.distributed) add theirs up first: a mean of per-rank means would
+        weight ranks, not tokens. Default: the sums of every `RouterStats` the layer holds; a
+        layer that accumulates anything else adds it (and takes it back in `set_stat_sums`)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for attr, obj in vars(self).items():
+            if callable(getattr(obj, "sums", None)) and callable(getattr(obj, "set_sums", None)):
+                out.update({f"{attr}.{k}": v for k, v in obj.sums().items()})
+        return out
+
+    def set_stat_sums(self, sums: dict[str, torch.Tensor | None]) -> None:
+        """Replace the running sums with `sums` (named as `stat_sums` names them)."""
+        for attr, obj in vars(self).items():
+            if callable(getattr(obj, "set_sums", None)):
+                prefix = f"{attr}."
+                obj.set_sums({k[len(prefix) :]: v for k, v in sums.items() if k.startswith(prefix)})
+
 
 class Method:
     """A registered method. Subclass, set the class attributes, implement `adapt_module`."""
