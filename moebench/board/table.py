@@ -288,12 +288,17 @@ def _compare_and_rank(
             if lora is not None and lora is not r:
                 r.vs_lora = _paired(samples, r, lora)
                 r.lora_key = lora.key
-        ranked = [r for r in members if r.in_band and r.key in samples]
-        for r in ranked:
-            better = sum(
-                1 for o in ranked if o is not r and (p := _paired(samples, r, o)) and p.high < 0.0
-            )
-            r.rank = 1 + better
+        _rank([r for r in members if r.in_band and r.key in samples], samples)
+
+
+def _rank(ranked: list[BoardRow], samples: dict[str, _Samples]) -> None:
+    """1 + how many rows beat each by a paired test that holds, all pairs at once per row."""
+    if not ranked:
+        return
+    boots = np.stack([samples[r.key].boot for r in ranked])  # (rows, resamples)
+    for i, r in enumerate(ranked):
+        lows = np.quantile(boots - boots[i], 0.025, axis=1)  # others minus this row
+        r.rank = 1 + int(np.count_nonzero(lows > 0.0))
 
 
 def _lora_for(row: BoardRow, members: list[BoardRow], filters: BoardFilters) -> BoardRow | None:
