@@ -297,8 +297,25 @@ def _rank(ranked: list[BoardRow], samples: dict[str, _Samples]) -> None:
         return
     boots = np.stack([samples[r.key].boot for r in ranked])  # (rows, resamples)
     for i, r in enumerate(ranked):
-        lows = np.quantile(boots - boots[i], 0.025, axis=1)  # others minus this row
-        r.rank = 1 + int(np.count_nonzero(lows > 0.0))
+        r.rank = 1 + int(np.count_nonzero(_lower_bound_positive(boots - boots[i])))
+
+
+def _lower_bound_positive(diffs: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Per row of `diffs` (rows x resamples): is its percentile interval's low end above 0?
+
+    The same verdict as `percentile_interval(...)[0] > 0` (numpy's linear quantile), decided by
+    counting the non-positive resamples, which needs no sort; only a row whose count puts the
+    quantile between two order statistics is settled by computing it.
+    """
+    n = diffs.shape[1]
+    h = (1.0 - level) / 2.0 * (n - 1)
+    below = int(np.floor(h))
+    nonpositive = np.count_nonzero(diffs <= 0.0, axis=1)
+    out = nonpositive <= below  # the order statistic at floor(h) is already positive
+    edge = np.flatnonzero(nonpositive == below + 1)
+    if edge.size and h > below:
+        out[edge] = np.quantile(diffs[edge], (1.0 - level) / 2.0, axis=1) > 0.0
+    return out
 
 
 def _lora_for(row: BoardRow, members: list[BoardRow], filters: BoardFilters) -> BoardRow | None:
