@@ -670,9 +670,18 @@ def export(
     predictions: Annotated[
         bool, typer.Option(help="JSON only: include per-item predictions.")
     ] = False,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Write a bundle with every record (`moebench import`).")
+    ] = None,
 ) -> None:
-    """Export runs and their metrics as CSV or JSON."""
+    """Export runs and their metrics as CSV or JSON, or every record as a bundle."""
     from moebench import store
+
+    if bundle is not None:
+        from moebench.cli_leaderboard import export_bundle_command
+
+        export_bundle_command(db, bundle, run_ids)
+        return
 
     text = store.export_runs(
         store.open_existing_store(db), run_ids or None, fmt, out, include_predictions=predictions

@@ -120,3 +120,27 @@ def _html_charts(board: object) -> list[str]:
         f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
         for i, f in enumerate(figures)
     ]
+
+
+def export_bundle_command(db: str | None, path: Path, run_ids: list[int] | None) -> None:
+    """`moebench export --bundle FILE`: every record of the runs, for `moebench import`."""
+    from moebench.store import open_store
+    from moebench.store.bundle import export_bundle
+
+    with open_store(db) as store:
+        n = export_bundle(store, path, run_ids or None)
+    console.print(f"wrote {n} runs to {path}")
+
+
+@app.command("import")
+def import_command(
+    bundle: Annotated[Path, typer.Argument(help="A file made by `moebench export --bundle`.")],
+    db: DbOpt = None,
+) -> None:
+    """Add a bundle's runs to the store; runs it already holds (same identity) are skipped."""
+    from moebench.store import open_store
+    from moebench.store.bundle import import_bundle
+
+    with open_store(db) as store:
+        added, skipped = import_bundle(store, bundle)
+    console.print(f"imported {added} runs into {store.display_url}; {skipped} were already there")

@@ -17,6 +17,7 @@ scipy). The choices, and why:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,8 +106,12 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - t_sf(t, df)
 
 
+@functools.lru_cache(maxsize=1024)
 def t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p, by bisection on the upper tail (no cancellation near p = 1)."""
+    """The t with P(T <= t) = p, by bisection on the upper tail (no cancellation near p = 1).
+
+    Cached: a leaderboard asks for the same few (level, seeds - 1) pairs thousands of times.
+    """
     if not 0.0 < p < 1.0:
         raise ValueError(f"quantile level p={p} must lie strictly between 0 and 1.")
     if p < 0.5:

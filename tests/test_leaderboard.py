@@ -10,11 +10,14 @@ import os
 import sqlite3
 import stat
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from moebench import store as db
 from moebench.board.table import BoardFilters, build_board
@@ -198,3 +201,49 @@ def _stamp(path: Path, revision: str) -> Path:
     con.commit()
     con.close()
     return path
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database of its own (dropped after), on the CI server."""
+    url = os.environ.get("MOEBENCH_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set MOEBENCH_TEST_POSTGRES_URL to a PostgreSQL server to run this")
+    name = f"moebench_board_{os.getpid()}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_postgres_read_only_and_same_numbers(postgres_url: str, seeded: Path) -> None:
+    seed_store(postgres_url)
+    with (
+        open_store_readonly(postgres_url) as pg,
+        open_store_readonly(f"sqlite:///{seeded}") as lite,
+    ):
+        a, b = build_board(pg), build_board(lite)
+        run = db.list_runs(pg, limit=1)[0]
+        with pytest.raises(DBAPIError, match="read-only transaction"):
+            db.set_status(pg, run["id"], "cancelled")
+    assert [(r.method, r.rank, r.scores["overall"]) for r in a.rows] == [
+        (r.method, r.rank, r.scores["overall"]) for r in b.rows
+    ]
+
+
+def test_rank_test_counts_like_the_percentile_interval() -> None:
+    from moebench.board.table import _lower_bound_positive
+    from moebench.stats import percentile_interval
+
+    rng = np.random.default_rng(1)
+    for n in (2000, 1000, 137):
+        diffs = rng.normal(0.05, 0.025, size=(600, n))
+        diffs[::3] = np.round(diffs[::3], 2)  # ties at the boundary
+        expected = [percentile_interval(d)[0] > 0 for d in diffs]
+        assert _lower_bound_positive(diffs).tolist() == expected

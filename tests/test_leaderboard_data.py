@@ -157,9 +157,10 @@ def _training_records(store: db.Store, run_id: int, method: str) -> None:
         )
 
 
-def seed_store(path: Path) -> str:
-    """Write the planned runs (plus a failed and a queued job) to a new SQLite file."""
-    url = f"sqlite:///{path}"
+def seed_store(target: Path | str) -> str:
+    """Write the planned runs (plus a failed and a queued job) to a new SQLite file (a path)
+    or an empty database (a URL); returns its URL."""
+    url = target if isinstance(target, str) else f"sqlite:///{target}"
     with db.open_store(url) as store:
         for method, (_, _, seeds, _) in PLAN.items():
             for seed in seeds:

@@ -1,0 +1,82 @@
+"""Bundles: export from one store, import into another twice, one identical copy of each run."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moebench import store as db
+from moebench.cli import app
+from moebench.store.bundle import run_identity
+from tests.test_leaderboard_data import seed_store
+
+
+def _content(url: str) -> dict[str, dict]:
+    """identity -> everything of the run but store-local ids."""
+    out = {}
+    with db.open_store(url) as store:
+        for run in db.list_runs(store, limit=None):
+            rid = run["id"]
+
+            def strip(rows: list[dict]) -> list[tuple]:
+                keep = [{k: v for k, v in r.items() if k not in ("id", "run_id")} for r in rows]
+                return sorted(repr(sorted(r.items())) for r in keep)
+
+            out[run_identity(run)] = {
+                "run": {k: v for k, v in run.items() if k not in ("id", "updated_at")},
+                "metrics": strip(db.get_metrics(store, rid)),
+                "predictions": strip(db.get_predictions(store, rid)),
+                "log": strip(db.get_training_log(store, rid)),
+                "artifacts": db.get_artifacts(store, rid),
+            }
+    return out
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_import_twice_leaves_one_identical_copy(tmp_path: Path) -> None:
+    source = seed_store(tmp_path / "cluster.db")
+    target = f"sqlite:///{tmp_path / 'laptop.db'}"
+    bundle = tmp_path / "runs.bundle.gz"
+    _cli("export", "--db", source, "--bundle", str(bundle))
+    first = _cli("import", str(bundle), "--db", target)
+    second = _cli("import", str(bundle), "--db", target)
+    original = _content(source)
+    assert f"imported {len(original)} runs" in first
+    assert "imported 0 runs" in second and f"{len(original)} were already there" in second
+    moved = _content(target)
+    assert moved.keys() == original.keys()
+    for identity, record in original.items():
+        assert moved[identity]["metrics"] == record["metrics"]
+        assert moved[identity]["predictions"] == record["predictions"]
+        assert moved[identity] == record
+    # Back into the store it came from: nothing is added.
+    assert "imported 0 runs" in _cli("import", str(bundle), "--db", source)
+
+
+def test_bad_bundle_is_one_sentence(tmp_path: Path) -> None:
+    bad = tmp_path / "x.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write('{"format": "other"}\n')
+    result = CliRunner().invoke(app, ["import", str(bad), "--db", str(tmp_path / "t.db")])
+    assert result.exit_code != 0
+    assert "is not a moebench bundle" in str(result.exception) + result.output
+    missing = CliRunner().invoke(app, ["import", str(tmp_path / "none.gz")])
+    assert "does not exist" in str(missing.exception) + missing.output
+
+
+@pytest.mark.parametrize("run_ids", [["--run", "999"]])
+def test_unknown_run_is_refused(tmp_path: Path, run_ids: list[str]) -> None:
+    source = seed_store(tmp_path / "a.db")
+    result = CliRunner().invoke(
+        app, ["export", "--db", source, "--bundle", str(tmp_path / "b.gz"), *run_ids]
+    )
+    assert result.exit_code != 0
+    assert "no such run" in str(result.exception) + result.output
