@@ -75,6 +75,7 @@ def part_model(ctx: dict[str, Any]) -> dict[str, Any]:
     from moebench.models import _tiny_tokenizer, count_parameters, model_config
 
     cfg = model_config(ctx["shape"])
+    cfg.vocab_size = ctx["vocab"] or cfg.vocab_size
     tok = _tiny_tokenizer()
     cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, None
     dtype = torch.bfloat16 if ctx["device"] == "cuda" else torch.float32
