@@ -137,4 +137,5 @@ def markdown(suite: dict[str, Any]) -> str:
             lines.append(f"**Failed**: {part['reason']}")
             continue
         lines += TABLES[name](part["figures"])
+        lines += ["", part["note"]] if part.get("note") else []
     return "\n".join(lines) + "\n"

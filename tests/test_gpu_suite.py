@@ -142,7 +142,9 @@ def test_a_second_run_is_refused_or_replaces_the_folder_whole(
     again = suite_cmd("--smoke", "--out", str(out), "--overwrite", "--parts", "model", "--isolate")
     assert again.returncode == 0, again.stderr[-3000:]
     suite = json.loads((out / "suite.json").read_text())
-    assert list(suite["parts"]) == ["model"] and suite["parts"]["model"]["status"] == "ok"
+    assert list(suite["parts"]) == ["model"]
+    assert suite["parts"]["model"]["status"] == "ok", suite["parts"]["model"]["reason"]
+    assert suite["parts"]["model"]["budget_s"] == 600  # a smoke budget only guards a hang
     assert not (out / "stale.txt").exists() and (out / "logs" / "model.log").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["twice"]
 
