@@ -22,6 +22,11 @@ at the switch the adapter's output shrinks r-fold relative to the warmed-up LoRA
 paper does not discuss. The literal formula is the default; `gate_scale=r` multiplies gbar by
 r so the switch is continuous. Each layer logs its adapter-output norm, and the runner reports
 it on both sides of the switch.
+
+Two ablation switches of the paper, off by default and then left out of the run's hash (so runs
+stored before they existed keep theirs): `eval_gates=uniform` scores the trained model with the
+router removed, gates 1/r (Table 2's last row; training is unchanged), and `warmup_router=true`
+gates the warm-up and trains the router in it too (Table 3's "LoRA & Router warmup").
 """
 
 from __future__ import annotations
