@@ -22,6 +22,11 @@ at the switch the adapter's output shrinks r-fold relative to the warmed-up LoRA
 paper does not discuss. The literal formula is the default; `gate_scale=r` multiplies gbar by
 r so the switch is continuous. Each layer logs its adapter-output norm, and the runner reports
 it on both sides of the switch.
+
+Two ablation switches of the paper, off by default and then left out of the run's hash (so runs
+stored before they existed keep theirs): `eval_gates=uniform` scores the trained model with the
+router removed, gates 1/r (Table 2's last row; training is unchanged), and `warmup_router=true`
+gates the warm-up and trains the router in it too (Table 3's "LoRA & Router warmup").
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ from moebench.method import (
 )
 
 WARMUP, JOINT = "lora-warmup", "joint"
+# Ablation switches added after runs were stored: at these values they stay out of the hash.
+HASH_NEUTRAL = {"eval_gates": "router", "warmup_router": False}
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,16 @@ class LoRACoEConfig:
     router_init: Literal["zeros", "kaiming", "normal"] = doc(
         "router weight init; zeros gives uniform gates at the start of the joint phase",
         "zeros",
+    )
+    eval_gates: Literal["router", "uniform"] = doc(
+        "gates when not training: router, or uniform 1/r (Table 2's 'inference w/o router': "
+        "the trained ranks with the router removed)",
+        "router",
+    )
+    warmup_router: bool = doc(
+        "warm-up trains the router too, gates on (Table 3's 'LoRA & Router warmup'); false: "
+        "the warm-up is plain LoRA",
+        False,
     )
     fused: bool = doc(
         "one matmul of x with [A; W_route] (paper appendix C); under dropout the router then "
@@ -125,6 +142,8 @@ class LoRACoELinear(AdapterLayer):
         self.gate_scale = config.gate_scale
         self.dropout = make_dropout(config.dropout)
         self.fused = config.fused
+        self.uniform_eval = config.eval_gates == "uniform"
+        self.warmup_router = config.warmup_router
         self.context = context
         self.router_stats = RouterStats(r)
         self._norm_sum: torch.Tensor | None = None
@@ -135,11 +154,15 @@ class LoRACoELinear(AdapterLayer):
         return {"lora_A": RankLayout(0), "lora_B": RankLayout(1)}
 
     def gated(self) -> bool:
-        return self.context.phase != WARMUP
+        return self.context.phase != WARMUP or self.warmup_router
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.gated() and self.fused:
+        if self.uniform_eval and not self.training and self.gated():
+            # the router removed: gbar = 1/r, what zero router weights would give
+            h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
+            h = h * (self.scaling * self.gate_scale / self.rank)
+        elif self.gated() and self.fused:
             h = self._fused_gated(x)  # [T, r], gates and scale applied
         else:
             h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
@@ -287,8 +310,12 @@ class LoRACoE(LinearMethod):
         joint = Phase(JOINT, 1.0 - config.warmup_fraction, None, config.joint_lr)
         if config.warmup_fraction == 0:
             return (dataclasses.replace(joint, fraction=1.0),)
-        warmup = Phase(WARMUP, config.warmup_fraction, _not_router, config.warmup_lr)
+        trains = None if config.warmup_router else _not_router
+        warmup = Phase(WARMUP, config.warmup_fraction, trains, config.warmup_lr)
         return (warmup, joint)
+
+    def identity(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if HASH_NEUTRAL.get(k, ...) != v}
 
     def no_weight_decay(self, config: Any, param_name: str) -> bool:
         return _is_router(param_name)

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from moebench.cli import DbOpt, _setup_logging, app, console, err
+from moebench.errors import ConfigError
 
 analyze_app = typer.Typer(help="Analyses of stored runs (parameter importance, ...).")
 app.add_typer(analyze_app, name="analyze")
@@ -32,8 +33,6 @@ def _split(text: str | None) -> list[str] | None:
         return None
     names = [t.strip() for t in text.split(",")]
     if not all(names):
-        from moebench.errors import ConfigError
-
         raise ConfigError(f"--tasks {text!r} has an empty name; give e.g. --tasks boolq,gsm8k.")
     return names
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moebench import store as db
-from moebench.data import Example, Row, collate, tokenize_row
+from moebench.data import IGNORE_INDEX, Example, Row, collate, tokenize_row
 from moebench.errors import ConfigError
 from moebench.importance import TAYLOR, gradient_pass
 from moebench.importance_stats import figures, layout_record, summarize
@@ -151,7 +151,7 @@ def analyze_run(
         summary = summarize(adapted, scores)
         summary.update(
             items=len(chosen),
-            tokens=sum(int((torch.tensor(e.labels[1:]) != -100).sum()) for e in chosen),
+            tokens=sum(1 for e in chosen for label in e.labels[1:] if label != IGNORE_INDEX),
             loss=loss,
             seconds=round(time.perf_counter() - started, 2),
         )

@@ -226,6 +226,12 @@ class Method:
     def phases(self, config: Any) -> tuple[Phase, ...]:
         return (Phase("train", 1.0),)
 
+    def identity(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The method config as the run's hash sees it (default: all of it). A switch added
+        later may leave itself out while at its default, so runs that do not use it keep the
+        hash they had before it existed."""
+        return config
+
     def no_weight_decay(self, config: Any, param_name: str) -> bool:
         """Parameters excluded from weight decay (routers, typically)."""
         return False

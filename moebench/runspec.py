@@ -51,7 +51,9 @@ class RunSpec:
 
     def identity(self) -> dict[str, Any]:
         """`to_dict()` without the execution settings: what the hash covers."""
-        return without_execution(self.to_dict())
+        out = without_execution(self.to_dict())
+        out["method_config"] = get_method(self.method).identity(out["method_config"])
+        return out
 
     @property
     def hash(self) -> str:

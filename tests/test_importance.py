@@ -3,6 +3,7 @@ per-rank sums against hand-written sums, and the first-order score against exact
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +17,7 @@ from moebench.importance import GRAD_SQUARED_NORM, TAYLOR, gradient_pass
 from moebench.importance_run import length_batches, task_importance
 from moebench.importance_stats import (
     figure2,
+    figures,
     layout_record,
     per_rank,
     rank_groups,
@@ -323,3 +325,24 @@ def test_figure2_pools_tasks_and_roles() -> None:
     assert rows[("all", "all")]["rank_avg"] == pytest.approx(4.0)  # None left out
     assert rows[("all", "all")]["d_or_k_avg"] == pytest.approx(1.5)
     assert rows[("a", "all")]["ratio"] == pytest.approx(3.0)
+
+
+def test_comparison_plots_draw_every_run(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from moebench.importance_plots import write_figures
+
+    records = {}
+    for method in ("lora", "loracoe"):
+        adapted, tok = _randomised(method)
+        record: dict[str, Any] = {"layout": layout_record(adapted), "tasks": {}}
+        for task, n in (("boolq", 4), ("gsm8k", 6)):
+            scores, _ = task_importance(adapted, _batches(tok, n), torch.device("cpu"), None)
+            record["tasks"][task] = summarize(adapted, scores)
+        record["figures"] = figures(record)
+        records[f"run {method}"] = record
+    written = write_figures(records, tmp_path)
+    assert {p.name for p in written} >= {"figure2.html", "figure3-ranks-run_loracoe.html"}
+    html = (tmp_path / "figure4.html").read_text()
+    assert "run lora: gsm8k" in html and "run loracoe: boolq" in html
+    fig2 = records["run loracoe"]["figures"]["figure2"]
+    assert {r["module_type"] for r in fig2} >= {"q_proj", "down_proj"}
