@@ -2,10 +2,16 @@
 
 Three stages; the first two run in `prepare`, on the unadapted model, before injection:
 
-1. Sensitivity per task t of the training mixture (moebench.sensitivity): on a few sampled
-   examples, `S_t(W) = sum ||dL/dW||_F^2` for every decoder-layer weight. The default measures
-   without moving the weights; `sensitivity_update_lr` reproduces the authors' script, which
-   takes small Adam steps while measuring. Results are cached per (model, task, samples, seed).
+1. Sensitivity per task t of the training mixture (moebench.sensitivity), by `protocol`:
+   `authors` (default: the procedure methods.md reads in the authors' get_sensitivity.py, which
+   gave the paper's maps) holds the model in fp16, trains one decoder layer per step with BAdam's
+   BlockOptimizer (AdamW lr 1e-5, top layer first, switching every step), gives each of the L
+   layers its own `sensitivity_samples` examples (L times that per task), clips each step's
+   gradient to norm 1.0 and sums its fp16 squares; it departs from the script only in using the
+   run's prompt template and a seeded shuffle. `clean` is the formula itself:
+   `S_t(W) = sum ||dL/dW||_F^2` over `sensitivity_samples` examples per task, all layers on the
+   same ones, fp32, no clipping, no weight updates. Cached per (model, task, protocol, samples,
+   seed, data); the model comes back unchanged either way.
 2. Allocation: per task and per module group, `tau = percentile(S_t over the group, 100(1-p))`
    and `n(m) = #{t : S_t(m) > tau}`, so `n` is in 0..T and `sum n ~= p T M`. A budget in experts
    or in trainable parameters is met by searching p over every value at which the allocation
@@ -44,7 +50,7 @@ from moebench.method import (
 )
 from moebench.methods.lora import LoRALinear
 from moebench.methods.loramoe import LoRAMoELinear
-from moebench.sensitivity import measure_cached
+from moebench.sensitivity import PROTOCOLS, measure_cached
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SINGLE_TASK_NOTE = "n is 0 or 1 for every module: lora-smoe reduces to LoRA on the selected modules"
@@ -78,15 +84,16 @@ class LoRASMoEConfig:
     target_modules: tuple[str, ...] = doc(
         "module-name suffixes that may receive experts (comma-separated on the CLI)", ALL_LINEARS
     )
-    sensitivity_samples: int = doc(
-        "examples sampled per task for the sensitivity pass (methods.md's '8 examples per "
-        "decoder layer', read as 8 per task: one pass measures every layer)",
-        8,
+    protocol: Literal["authors", "clean"] = doc(
+        "sensitivity pass: authors = the authors' script as methods.md reads it (fp16, BAdam one "
+        "layer per step, 8 examples per layer, clipped to norm 1.0; run template, seeded "
+        "shuffle); clean = sum of squared fp32 gradients, no clipping, no weight updates",
+        "authors",
     )
-    sensitivity_update_lr: float | None = doc(
-        "None: measure without updating weights; 1e-5 reproduces the authors' Adam steps "
-        "(weights are restored afterwards either way)",
-        None,
+    sensitivity_samples: int = doc(
+        "examples per decoder layer under protocol=authors (L times this per task, each layer "
+        "its own); per task under protocol=clean (every layer measured on the same ones)",
+        8,
     )
     allocation: tuple[str, ...] = doc(
         "experts per module as qualified.module.name=n items; filled by the preparation stage, "
@@ -119,9 +126,8 @@ class LoRASMoEConfig:
             problems.append(
                 f"sensitivity_samples={self.sensitivity_samples} must be a positive integer"
             )
-        lr = self.sensitivity_update_lr
-        if lr is not None and not lr > 0:
-            problems.append(f"sensitivity_update_lr={lr} must be > 0 (or None: no updates)")
+        if self.protocol not in PROTOCOLS:
+            problems.append(f"protocol={self.protocol!r} must be one of: {', '.join(PROTOCOLS)}")
         problems += _allocation_problems(self.allocation)
         check(problems, "lora-smoe")
 
@@ -337,6 +343,11 @@ class LoRASMoE(Method):
         return _measure_and_allocate(config, ctx, linears)
 
 
+def _eos_id(model: nn.Module) -> int | None:
+    eos = getattr(model.config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
+
+
 def _require_allocation(config: Any) -> dict[str, int]:
     alloc = parse_allocation(config.allocation)
     if not alloc:
@@ -387,12 +398,12 @@ def _measure_and_allocate(
             {"model": ctx.model_name, "task": task},
             model=ctx.model,
             examples=by_task[task],
+            protocol=config.protocol,
             samples=config.sensitivity_samples,
             seed=ctx.seed,
             pad_token_id=ctx.pad_token_id,
+            eos_token_id=_eos_id(ctx.model),
             device=ctx.device,
-            autocast=ctx.autocast,
-            update_lr=config.sensitivity_update_lr,
         )
         hits += hit
         modules = [m for m in candidates if f"{m}.weight" in weight_scores]
@@ -401,8 +412,13 @@ def _measure_and_allocate(
         scores[task] = module_scores(weight_scores, modules)
     shapes = {suffix(n): LinearShape(m.in_features, m.out_features) for n, m in linears.items()}
     notes = [
-        f"lora-smoe: sensitivity measured per task on up to {config.sensitivity_samples} examples "
-        f"each for {len(tasks)} task(s) ({', '.join(tasks)}); {hits} from the cache."
+        f"lora-smoe: sensitivity by protocol={config.protocol} on "
+        + (
+            f"{config.sensitivity_samples} examples per decoder layer"
+            if config.protocol == "authors"
+            else f"up to {config.sensitivity_samples} examples"
+        )
+        + f" for each of {len(tasks)} task(s) ({', '.join(tasks)}); {hits} from the cache."
     ]
     if len(tasks) == 1:
         notes.append(f"lora-smoe: a single training task ({tasks[0]}), so {SINGLE_TASK_NOTE}.")
@@ -449,7 +465,8 @@ def _measure_and_allocate(
         "groups": config.groups,
         "cache_hits": hits,
         "samples": config.sensitivity_samples,
-        "mode": "measure" if config.sensitivity_update_lr is None else "adam",
+        "protocol": config.protocol,
+        "seed": ctx.seed,
         "trainable_parameters": params(alloc),
     }
     if budget is not None:

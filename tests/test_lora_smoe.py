@@ -49,7 +49,7 @@ def _examples(vocab: int, n: int = 4, seed: int = 0) -> list[Example]:
 
 
 def _measure(model: nn.Module, examples: list[Example], **kw) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    args = dict(samples=8, seed=0, pad_token_id=0, device="cpu", autocast=None) | kw
+    args = dict(protocol="clean", samples=8, seed=0, pad_token_id=0, device="cpu") | kw
     return sensitivity.measure(model, examples, **args)
 
 
@@ -79,8 +79,8 @@ def test_sensitivity_equals_per_example_squared_gradient_norms() -> None:
         assert scores[n] > 0
 
 
-@pytest.mark.parametrize("update_lr", [None, 1e-3])
-def test_sensitivity_restores_flags_grads_mode_and_weights_bitwise(update_lr: float | None) -> None:
+@pytest.mark.parametrize("protocol", ["clean", "authors"])
+def test_sensitivity_restores_flags_grads_mode_and_weights_bitwise(protocol: str) -> None:
     model, tok = load_model("tiny-llama")
     for n, p in model.named_parameters():  # a mixed pattern, to see that each flag comes back
         p.requires_grad_("layers.1" in n or "embed" in n)
@@ -88,16 +88,13 @@ def test_sensitivity_restores_flags_grads_mode_and_weights_bitwise(update_lr: fl
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     examples = _examples(len(tok), n=3)
-    scores = _measure(model, examples, update_lr=update_lr)
+    _measure(model, examples, protocol=protocol, samples=2)
     assert model.training
     for n, p in model.named_parameters():
         assert p.requires_grad == flags[n], n
         assert p.grad is None, n
+        assert p.dtype == torch.float32, n
         assert torch.equal(p, before[n]), n
-    if update_lr is not None:
-        # the Adam steps really happened: later examples saw moved weights
-        plain = _measure(model, examples)
-        assert any(not math.isclose(scores[k], plain[k], rel_tol=1e-6) for k in scores)
 
 
 def test_sampling_is_seeded_sorted_and_skips_unsupervised_rows() -> None:
@@ -124,10 +121,11 @@ def test_cache_hit_returns_the_same_numbers_without_measuring(
 
     monkeypatch.setattr(sensitivity, "measure", counted)
     examples = _examples(len(tok), n=3)
-    kw = dict(model=model, samples=2, seed=0, pad_token_id=0, device="cpu", autocast=None)
+    kw = dict(model=model, samples=2, seed=0, pad_token_id=0, device="cpu")
     key = {"model": "tiny-llama", "task": "boolq"}
-    first, hit1 = sensitivity.measure_cached(tmp_path, key, examples=examples, **kw)
-    second, hit2 = sensitivity.measure_cached(tmp_path, key, examples=examples, **kw)
+    clean = {"protocol": "clean"}
+    first, hit1 = sensitivity.measure_cached(tmp_path, key, examples=examples, **clean, **kw)
+    second, hit2 = sensitivity.measure_cached(tmp_path, key, examples=examples, **clean, **kw)
     assert (hit1, hit2) == (False, True) and len(calls) == 1
     assert first == second
     files = list((tmp_path / "sensitivity").iterdir())
@@ -135,10 +133,11 @@ def test_cache_hit_returns_the_same_numbers_without_measuring(
     assert json.loads(files[0].read_text())["key"]["task"] == "boolq"
     # one changed token in a sampled example is other data: a miss, not the stale file
     changed = [Example((*e.input_ids[:-1], 7), e.labels, -1) for e in examples]
-    _, hit3 = sensitivity.measure_cached(tmp_path, key, examples=changed, **kw)
-    # another task or mode is another measurement too
-    _, hit4 = sensitivity.measure_cached(tmp_path, key | {"task": "gsm8k"}, examples=examples, **kw)
-    _, hit5 = sensitivity.measure_cached(tmp_path, key, examples=examples, update_lr=1e-5, **kw)
+    _, hit3 = sensitivity.measure_cached(tmp_path, key, examples=changed, **clean, **kw)
+    # another task or protocol is another measurement too
+    other = key | {"task": "gsm8k"}
+    _, hit4 = sensitivity.measure_cached(tmp_path, other, examples=examples, **clean, **kw)
+    _, hit5 = sensitivity.measure_cached(tmp_path, key, examples=examples, protocol="authors", **kw)
     assert (hit3, hit4, hit5) == (False, False, False) and len(calls) == 4
 
 
