@@ -831,8 +831,9 @@ def runs_summary(
             )
 
 
-# `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
-from moebench import cli_jobs  # noqa: E402, F401
+# `sweep`, `worker`, `jobs` and `runs delete|checkpoints|log` live in their own modules,
+# registered on `app` when imported.
+from moebench import cli_jobs, cli_runs  # noqa: E402, F401
 
 
 def main() -> None:

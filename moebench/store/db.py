@@ -93,6 +93,14 @@ class Store:
         """The URL with any password masked."""
         return display_url(self.url)
 
+    @property
+    def identity(self) -> str:
+        """The store as an output folder's marker names it: a SQLite file by its absolute
+        path (two databases of one relative name in different folders differ), else its URL
+        with any password masked."""
+        path = _sqlite_path(self.url)
+        return "sqlite:" + str(path.resolve()) if path is not None else self.display_url
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One unit of work: committed when the block succeeds, rolled back when it raises."""
