@@ -52,6 +52,7 @@ from moebench.method import (
     LinearMethod,
     LinearShape,
     Phase,
+    RankLayout,
 )
 
 WARMUP, JOINT = "lora-warmup", "joint"
@@ -129,6 +130,10 @@ class LoRACoELinear(AdapterLayer):
         self._norm_sum: torch.Tensor | None = None
         self._norm_tokens: torch.Tensor | None = None
 
+    def rank_layout(self) -> dict[str, RankLayout]:
+        """The shared ranks (row j of A, column j of B); the router is scored on its own."""
+        return {"lora_A": RankLayout(0), "lora_B": RankLayout(1)}
+
     def gated(self) -> bool:
         return self.context.phase != WARMUP
 
@@ -178,6 +183,13 @@ class LoRACoELinear(AdapterLayer):
         total, count = (norms * w).sum(), w.sum()  # no boolean indexing: no device sync
         self._norm_sum = total if self._norm_sum is None else self._norm_sum + total
         self._norm_tokens = count if self._norm_tokens is None else self._norm_tokens + count
+
+    def stat_sums(self) -> dict[str, torch.Tensor | None]:
+        return {**super().stat_sums(), "norm_sum": self._norm_sum, "norm_tokens": self._norm_tokens}
+
+    def set_stat_sums(self, sums: dict[str, torch.Tensor | None]) -> None:
+        super().set_stat_sums(sums)
+        self._norm_sum, self._norm_tokens = sums.get("norm_sum"), sums.get("norm_tokens")
 
     def stats(self) -> dict[str, float]:
         """Per-rank mean gate (`share.j`), gate entropy, and the adapter output's mean L2 norm."""

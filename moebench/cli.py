@@ -831,9 +831,10 @@ def runs_summary(
             )
 
 
-# `sweep`, `worker`, `jobs` and `runs delete|checkpoints|log` live in their own modules,
-# registered on `app` when imported.
-from moebench import cli_jobs, cli_runs  # noqa: E402, F401
+# `sweep`, `worker`, `jobs`, `analyze` and `runs delete|checkpoints|log` live in their own
+# modules, registered on `app` when imported.
+import moebench.cli_leaderboard  # noqa: E402, F401  (`leaderboard`, bundles)
+from moebench import cli_analyze, cli_jobs, cli_runs  # noqa: E402, F401
 
 
 def main() -> None:

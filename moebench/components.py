@@ -128,6 +128,19 @@ class RouterStats:
         old = getattr(self, name)
         setattr(self, name, value if old is None else old + value)
 
+    def sums(self) -> dict[str, torch.Tensor | None]:
+        """The running sums behind `summary`: what ranks of one job add up before it is formed."""
+        return {
+            "mass": self.mass,
+            "load": self.load,
+            "entropy": self.entropy,
+            "tokens": self.tokens,
+        }
+
+    def set_sums(self, sums: dict[str, torch.Tensor | None]) -> None:
+        for name, value in sums.items():
+            setattr(self, name, value)
+
     def summary(self) -> dict[str, float]:
         """Means since the last summary (then reset); empty when nothing was recorded."""
         if self.tokens is None or float(self.tokens) == 0:

@@ -120,6 +120,23 @@ class ModelShapes:
         )
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """Where rank components sit in one adapter tensor (the importance analysis reads this).
+
+    Tensors of a layer that share `component` share its ranks: rank j's importance is the sum
+    over every such tensor's slice at index j of `rank_dim` (LoRA: row j of A plus column j of
+    B). `expert_dim` indexes independent sets of ranks in one tensor (MixLoRA's [E, r, d]
+    factors); `ranks_per_expert` says that consecutive ranks along `rank_dim` belong to one
+    expert (LoRAMoE's stacked [N r, d_in] A), for labels only.
+    """
+
+    rank_dim: int
+    component: str = ""  # "" for a layer with one set of ranks; MixLoRA: "gate", "up", "down"
+    expert_dim: int | None = None
+    ranks_per_expert: int | None = None
+
+
 class AdapterLayer(nn.Module):
     """Base of every module a method inserts.
 
@@ -140,6 +157,14 @@ class AdapterLayer(nn.Module):
         """Auxiliary losses of the last forward, already weighted, keyed by name."""
         return {}
 
+    def rank_layout(self) -> dict[str, RankLayout]:
+        """Optional: own parameter name -> how its elements map to rank components.
+
+        Parameters left out (routers) are still scored, per tensor. The default, {}, gives a
+        plugin per-tensor importance only.
+        """
+        return {}
+
     def stats(self) -> dict[str, float]:
         """Router statistics accumulated since the last call (then reset), for the log.
 
@@ -148,6 +173,24 @@ class AdapterLayer(nn.Module):
         prefixes the layer's qualified name.
         """
         return {}
+
+    def stat_sums(self) -> dict[str, torch.Tensor | None]:
+        """The running sums `stats()` forms its means from, keyed by name, so that the ranks of
+        one job (moebench.distributed) add theirs up first: a mean of per-rank means would
+        weight ranks, not tokens. Default: the sums of every `RouterStats` the layer holds; a
+        layer that accumulates anything else adds it (and takes it back in `set_stat_sums`)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for attr, obj in vars(self).items():
+            if callable(getattr(obj, "sums", None)) and callable(getattr(obj, "set_sums", None)):
+                out.update({f"{attr}.{k}": v for k, v in obj.sums().items()})
+        return out
+
+    def set_stat_sums(self, sums: dict[str, torch.Tensor | None]) -> None:
+        """Replace the running sums with `sums` (named as `stat_sums` names them)."""
+        for attr, obj in vars(self).items():
+            if callable(getattr(obj, "set_sums", None)):
+                prefix = f"{attr}."
+                obj.set_sums({k[len(prefix) :]: v for k, v in sums.items() if k.startswith(prefix)})
 
 
 class Method:

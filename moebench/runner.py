@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moebench import store as db
+from moebench.distributed import check_gpus
 from moebench.errors import ConfigError, MoebenchError
 from moebench.liveness import Heartbeat, JobLost, signals_interrupt
 from moebench.provenance import git_sha, package_versions
@@ -79,7 +80,8 @@ def submit(
         seed=spec.seed,
         execution={
             "output_root": str(root.expanduser().resolve()),
-            "data_dir": env.data_dir,
+            # absolute, like the output root: a worker elsewhere (a Ray task) has another cwd
+            "data_dir": str(Path(env.data_dir).expanduser().resolve()) if env.data_dir else None,
             **(execution or {}),
         },
         sweep=sweep,
@@ -99,17 +101,22 @@ def execute(
     *,
     budget: dict[str, Any] | None = None,
     on_new_store: Callable[[str], None] | None = None,
+    gpus: int = 1,
 ) -> int:
     """Run one job now, in this process (`moebench run`): validate, store it as running under
     this process (so no worker can take it), run it. `on_new_store` hears the store's URL if
-    this call had to create it (a misspelt --db shows at once)."""
+    this call had to create it (a misspelt --db shows at once); with `gpus` > 1 its training
+    runs on that many data-parallel ranks (moebench.distributed), an execution setting like the
+    retries."""
     # Everything that can be wrong with the inputs is checked before anything is stored.
+    check_gpus(gpus, spec.train.batch_size, spec.train.micro_batch_size)
     suite, data = load_data(spec, env.data_dir)
     store = db.open_store(env.db)
     if store.created and on_new_store is not None:
         on_new_store(store.display_url)
     owner = q.new_owner()
-    run_id = submit(store, spec, env, budget=budget, owner=owner)
+    execution = {"gpus": gpus} if gpus > 1 else None
+    run_id = submit(store, spec, env, budget=budget, owner=owner, execution=execution)
     row = {**db.get_run(store, run_id), "claimed_from": "queued"}
     return run_claimed(store, row, owner, env, observer, loaded=(suite, data))
 

@@ -6,6 +6,7 @@ moebench.runner strings them together (`run_claimed`); nothing here claims or qu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -145,6 +146,7 @@ class Job:
     logs: LogBuffer
     watch: PhaseWatch
     examples: list[Example] = field(default_factory=list)
+    gpus: int = 1  # data-parallel ranks of the training stage (moebench.distributed)
 
 
 def not_opened(
@@ -214,7 +216,8 @@ def open_job(
         if resume_from
         else PhaseWatch()
     )
-    return Job(run_id, spec, data, out_dir, resume_from, LogBuffer(store, run_id), watch)
+    gpus = int(execution.get("gpus") or 1)
+    return Job(run_id, spec, data, out_dir, resume_from, LogBuffer(store, run_id), watch, gpus=gpus)
 
 
 def _own_folder(store: db.Store, row: dict[str, Any]) -> Path:
@@ -356,15 +359,17 @@ def train_stage(
         job.watch.store(store, job.run_id)
         db.add_checkpoint(store, job.run_id, step, str(path))
 
-    result = train(
-        built.adapted,
-        job.examples,
-        job.spec.train,
-        seed=job.spec.seed,
-        checkpoint_root=job.out_dir / "checkpoints",
-        resume_from=job.resume_from,
-        hooks=TrainHooks(on_step=on_step, on_checkpoint=on_checkpoint),
-    )
+    with _ranks(job, built, beat) as ranks:
+        result = train(
+            built.adapted,
+            job.examples,
+            job.spec.train,
+            seed=job.spec.seed,
+            checkpoint_root=job.out_dir / "checkpoints",
+            resume_from=job.resume_from,
+            hooks=TrainHooks(on_step=on_step, on_checkpoint=on_checkpoint),
+            ranks=ranks,
+        )
     job.logs.flush()
     job.watch.store(store, job.run_id)
     store_router_summary(store, job.run_id)
@@ -372,6 +377,26 @@ def train_stage(
     save_adapter(built.adapted, job.spec, job.out_dir / "adapter")
     if result.steps_run:
         db.update_run(store, job.run_id, tokens_per_s=result.tokens_per_s)
+
+
+def _ranks(job: Job, built: Built, beat: Heartbeat) -> Any:
+    """No ranks for a one-GPU job; else this process as rank 0 of `job.gpus` (the others are
+    started here and end with the training)."""
+    if job.gpus == 1:
+        return contextlib.nullcontext()
+    from moebench.distributed import helper_ranks
+
+    return helper_ranks(
+        job.gpus,
+        spec=job.spec.to_dict(),
+        method_config=to_dict(built.method_config),
+        examples=job.examples,
+        workdir=job.out_dir / "ranks",
+        checkpoint_root=job.out_dir / "checkpoints",
+        resume_from=job.resume_from,
+        device=built.device,
+        alive=beat.check,
+    )
 
 
 class _Checked:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from moebench.errors import TrainingDiverged
 from moebench.inject import Adapted
 from moebench.method import Phase
 from moebench.prompts import TEMPLATES
+
+if TYPE_CHECKING:
+    from moebench.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +235,13 @@ def train(
     checkpoint_root: Path,
     resume_from: Path | None = None,
     hooks: TrainHooks | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
+    """Train `adapted` to the end of its schedule, from `resume_from` if given.
+
+    With `ranks` this process is one of several data-parallel ranks of the job
+    (moebench.distributed): it works its share of each step's micro-batches, the step's sums are
+    added up across ranks, and only rank 0 writes checkpoints."""
     hooks = hooks or TrainHooks()
     device = resolve_device(cfg)
     amp = autocast_dtype(cfg, device)
@@ -257,6 +266,9 @@ def train(
         log.info(
             "resumed at step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch
         )
+    if ranks is not None:
+        ranks.check_same(model)
+        ranks.broadcast(p for _, p in adapted.adapter_parameters())
     log.info(
         "training: %d rows, %d micro-batches/epoch, %d steps/epoch, %d total steps, "
         "accumulation %d, device %s, autocast %s",
@@ -311,8 +323,9 @@ def train(
         ce_total = torch.zeros((), device=device)
         aux_total: dict[str, torch.Tensor] = {}
         rows = sum(len(x["input_ids"]) for x in batches)
-        for b in batches:
-            tokens += int(b["attention_mask"].sum())  # counted on the CPU copy: no device sync
+        # counted on the CPU copies (no device sync), over the whole step whichever rank runs it
+        tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        for b in batches if ranks is None else ranks.mine(batches):
             share = len(b["input_ids"]) / rows
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             adapted.context.attention_mask = b["attention_mask"]
@@ -325,6 +338,8 @@ def train(
             ce_total += ce_sum.detach()
             for k, v in aux.items():
                 aux_total[k] = aux_total.get(k, 0) + v.detach() * share
+        if ranks is not None:
+            ce_total, aux_total = ranks.sum_step(trainable, ce_total, aux_total)
         ce = float(ce_total) / max(n_tokens, 1)
         aux_values = {k: float(v) for k, v in aux_total.items()}
         if not all(math.isfinite(v) for v in [ce, *aux_values.values()]):
@@ -339,6 +354,8 @@ def train(
 
         step += 1
         elapsed = time.perf_counter() - t0
+        if record and ranks is not None:
+            ranks.sum_stats(adapted.layers.values())
         hooks.on_step(
             StepLog(
                 step=step,
@@ -353,7 +370,8 @@ def train(
                 stats=adapted.collect_stats() if record else {},
             )
         )
-        if step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        saves = ranks is None or ranks.main
+        if saves and (step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             path = save_checkpoint(
                 checkpoint_root,
                 TrainState(step, *plan.next_position, tokens),
