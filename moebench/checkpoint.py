@@ -153,6 +153,16 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
     return None, reasons
 
 
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` could not be resumed from, or None when it verifies (every
+    file read in full and checked, as a resume reads it; nothing is renamed)."""
+    try:
+        _read(path)
+    except _Unusable as e:
+        return str(e)
+    return None
+
+
 def load_checkpoint(
     path: Path, optimizer: torch.optim.Optimizer
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:

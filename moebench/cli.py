@@ -840,10 +840,10 @@ def runs_summary(
             )
 
 
-# `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
-# `analyze` likewise.
+# `sweep`, `worker`, `jobs`, `analyze` and `runs delete|checkpoints|log` live in their own
+# modules, registered on `app` when imported.
 import moebench.cli_leaderboard  # noqa: E402, F401  (`leaderboard`, bundles)
-from moebench import cli_analyze, cli_jobs  # noqa: E402, F401
+from moebench import cli_analyze, cli_jobs, cli_runs  # noqa: E402, F401
 
 
 def main() -> None:

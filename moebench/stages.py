@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from sqlalchemy.engine import make_url
 
 from moebench import store as db
 from moebench.adapted import Built, build_adapted
@@ -225,22 +224,13 @@ def _own_folder(store: db.Store, row: dict[str, Any]) -> Path:
     """The run's own folder under its output root (see moebench.paths): made on its first
     attempt, found again from the stored `output_dir` on a resume or retry, and refused in one
     sentence if its marker names another run."""
-    owner = run_owner(row, _store_identity(store))
+    owner = run_owner(row, store.identity)
     if row["output_dir"]:  # made again, empty, if it was deleted
         folder = Path(row["output_dir"])
         return claim_run_folder(folder.parent, owner, folder.name)
     execution = row.get("execution") or {}
     root = Path(execution.get("output_root") or DEFAULT_OUTPUT_ROOT).resolve()
     return claim_run_folder(root, owner, run_folder_name(row))
-
-
-def _store_identity(store: db.Store) -> str:
-    """The store as an output folder's marker names it: a SQLite file by its absolute path, so
-    two databases of the same relative name in different folders are told apart."""
-    url = make_url(store.url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        return "sqlite:" + str(Path(url.database).expanduser().resolve())
-    return store.display_url
 
 
 def _stored_root(data: dict[str, Any] | None) -> str | None:
@@ -383,7 +373,7 @@ def train_stage(
     job.logs.flush()
     job.watch.store(store, job.run_id)
     store_router_summary(store, job.run_id)
-    check_owned(job.out_dir, run_owner(db.get_run(store, job.run_id), _store_identity(store)))
+    check_owned(job.out_dir, run_owner(db.get_run(store, job.run_id), store.identity))
     save_adapter(built.adapted, job.spec, job.out_dir / "adapter")
     if result.steps_run:
         db.update_run(store, job.run_id, tokens_per_s=result.tokens_per_s)

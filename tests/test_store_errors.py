@@ -303,3 +303,29 @@ def test_a_missing_postgres_driver_in_a_real_process(tmp_path: Path) -> None:
 
 def test_an_unknown_url_scheme(tmp_path: Path) -> None:
     _refused(["runs", "list", "--db", "postgress://u@h/x"], StoreError, "scheme 'postgress'")
+
+
+def test_postgres_reads_never_create_and_writes_say_they_did() -> None:
+    """On a real server (MOEBENCH_TEST_POSTGRES_URL, a scratch database): a read finds no
+    moebench tables and creates none; `open_store` creates them and says so, once."""
+    url = os.environ.get("MOEBENCH_TEST_POSTGRES_URL", "")
+    if not url:
+        pytest.skip("set MOEBENCH_TEST_POSTGRES_URL to a scratch PostgreSQL database to run this")
+    from sqlalchemy import create_engine, inspect, text
+
+    from moebench.store.tables import Base
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        Base.metadata.drop_all(conn)
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    _refused(["runs", "list", "--db", url], NotFoundError, "holds no moebench results")
+    assert inspect(engine).get_table_names() == []
+    first, again = db.open_store(url), db.open_store(url)
+    assert (first.created, again.created) == (True, False)
+    assert "runs" in inspect(engine).get_table_names()
+    code, _, exc = _cli("runs", "list", "--db", url)
+    assert code == 0, exc
+    for s in (first, again):
+        s.close()
+    engine.dispose()

@@ -93,6 +93,14 @@ class Store:
         """The URL with any password masked."""
         return display_url(self.url)
 
+    @property
+    def identity(self) -> str:
+        """The store as an output folder's marker names it: a SQLite file by its absolute
+        path (two databases of one relative name in different folders differ), else its URL
+        with any password masked."""
+        path = _sqlite_path(self.url)
+        return "sqlite:" + str(path.resolve()) if path is not None else self.display_url
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One unit of work: committed when the block succeeds, rolled back when it raises."""
@@ -316,8 +324,20 @@ def _current_heads(engine: Engine) -> set[str]:
 
 
 def _check_writable(engine: Engine) -> None:
-    """A write rolled back: a read-only file, folder or role fails here, before a run starts,
-    rather than once it has trained."""
+    """A read-only file, folder or role fails here, before a run starts, rather than once it
+    has trained. SQLite: the file and its folder (WAL's side files live there) are asked,
+    without taking the write lock parallel workers contend for; a server: a write rolled back."""
+    url = engine.url.render_as_string(hide_password=False)
+    path = _sqlite_path(url)
+    if path is not None:
+        for where in (path, path.resolve().parent):
+            if not os.access(where, os.W_OK):
+                raise StoreError(
+                    f"The results database '{path}' is read-only ('{where}' cannot be written); "
+                    "make the file and its folder writable, or copy it to a writable place and "
+                    "pass --db there."
+                )
+        return
     with engine.connect() as conn, conn.begin() as tx:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
         tx.rollback()

@@ -1,7 +1,8 @@
 """Exporting runs for analysis outside moebench (spreadsheets, pandas, papers).
 
 CSV is flat, one row per score, for plotting and pivot tables; JSON keeps everything nested
-(config, metrics, optionally predictions) so nothing about how a score was made is lost.
+(config, metrics, artifacts, the training log, optionally predictions) so nothing about how a
+score was made is lost.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from moebench.store.queries import (
     get_metrics,
     get_predictions,
     get_run,
+    get_training_log,
     list_runs,
 )
 
@@ -64,6 +66,7 @@ def _to_json(store: Store, runs: list[dict[str, Any]], include_predictions: bool
         document = dict(run)
         document["metrics"] = get_metrics(store, run["id"])
         document["artifacts"] = get_artifacts(store, run["id"])
+        document["training_log"] = get_training_log(store, run["id"])
         if include_predictions:
             document["predictions"] = get_predictions(store, run["id"])
         documents.append(document)
