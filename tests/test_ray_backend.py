@@ -134,7 +134,7 @@ def test_ray_sweep_matches_the_local_runner_and_a_killed_ray_worker_costs_one_re
         g = got[h]
         assert g["metrics"] == w["metrics"] and g["predictions"] == w["predictions"]
         assert [s for s, _ in g["losses"]] == list(range(1, 13))
-        assert g["losses"] == pytest.approx(w["losses"], abs=0)
+        assert g["losses"] == w["losses"]  # bit for bit, the resumed job too
         assert g["adapter"].keys() == w["adapter"].keys()
         assert all(torch.equal(g["adapter"][k], w["adapter"][k]) for k in w["adapter"])
     assert all(Path(r["output_dir"]).is_absolute() for r in q.list_jobs(s))
