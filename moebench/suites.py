@@ -14,12 +14,11 @@ import hashlib
 import importlib.resources
 import logging
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moebench import upstream as upstream_files
 from moebench.data import Row
 from moebench.errors import ConfigError, DataError, MoebenchError, unknown
 from moebench.jsonfiles import read_json_array
@@ -30,7 +29,6 @@ from moebench.task import Item, Task, get_task, question_key
 
 log = logging.getLogger(__name__)
 
-UPSTREAM = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/"
 COMMONSENSE8 = (
     "boolq",
     "piqa",
@@ -348,18 +346,12 @@ def _locate(
         if c.is_file():
             return c
     if upstream is not None:
-        url = UPSTREAM + upstream
-        try:
-            log.info("downloading %s", url)
-            download.parent.mkdir(parents=True, exist_ok=True)
-            with urllib.request.urlopen(url, timeout=20) as r:
-                blob = r.read()
-            tmp = download.with_suffix(".part")
-            tmp.write_bytes(blob)
-            tmp.replace(download)
-            return download
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            reason = f"the download from the LLM-Adapters repository failed ({e})"
+        try:  # whole and verified, or nothing (moebench.fetch)
+            return upstream_files.fetch(upstream, download)
+        except DataError as e:
+            if "sha256" in str(e):  # the bytes arrived but are not the recorded ones
+                raise
+            reason = f"the download from {upstream_files.base_url()} failed ({e})"
     elif hub is not None:
         try:
             log.info("exporting hub dataset %s", hub[0])
