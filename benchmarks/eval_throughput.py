@@ -3,14 +3,16 @@
 Why it is built this way:
 
 * Same work on every side. One model object, one tokenizer, the same prompts (LLM-Adapters test
-  rows rendered with `moebench.prompts.build_prompt`, alpaca template), greedy decoding, the same
-  new-token budget, the same stop strings (the task's own, `### Instruction`), the same batch
-  size. Both sides sort prompts by length and left-pad each batch; both stop a sequence at EOS.
-  - moebench: `moebench.generation.generate(..., num_beams=1)`, what `moebench run` scores with.
+  rows rendered with `moebench.prompts.build_prompt`, alpaca template), greedy decoding (or
+  `--beams K` beam search on every side), the same new-token budget, the same stop strings (the
+  task's own, `### Instruction`), the same batch size. Both sides sort prompts by length and
+  left-pad each batch; both stop a sequence at EOS.
+  - moebench: `moebench.generation.generate(..., num_beams=K)`, what `moebench run` scores with.
   - lm-eval: `HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=B)` and its
     `generate_until` on `Instance`s whose generation kwargs are `until=<stop strings>,
-    max_gen_toks=<budget>, do_sample=False`, i.e. what `lm_eval.simple_evaluate` runs for a
-    generate_until task, without the dataset and metric steps around it.
+    max_gen_toks=<budget>, do_sample=False` (and `num_beams=K`, which HFLM passes on to
+    `model.generate`), i.e. what `lm_eval.simple_evaluate` runs for a generate_until task,
+    without the dataset and metric steps around it.
   - one prompt at a time: moebench's `generate` with batch size 1, the cost batching saves.
   - when `generate` has an `engine` argument, `engine="hf"` too (moebench's batching around
     `model.generate`), which splits the gap into lm-eval's wrapping and moebench's decode loop.
@@ -99,7 +101,7 @@ def _sync(device: torch.device) -> None:
 
 
 def make_sides(
-    model: Any, tok: Any, batch: int, amp: torch.dtype | None
+    model: Any, tok: Any, batch: int, amp: torch.dtype | None, beams: int = 1
 ) -> dict[str, Callable[[list[str], int, Sequence[str]], list[str]]]:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -118,7 +120,7 @@ def make_sides(
             tok,
             prompts,
             max_new_tokens=new,
-            num_beams=1,
+            num_beams=beams,
             batch_size=kw.pop("batch_size", batch),
             stop_strings=stops,
             amp=amp,
@@ -127,6 +129,8 @@ def make_sides(
 
     def lm_eval(prompts: list[str], new: int, stops: Sequence[str]) -> list[str]:
         kwargs = {"until": list(stops), "max_gen_toks": new, "do_sample": False}
+        if beams > 1:  # HFLM hands the remaining kwargs to `model.generate`
+            kwargs["num_beams"] = beams
         requests = [
             Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)
         ]
@@ -158,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=64, help="prompts per task (default for --task)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="default for --task")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--beams", type=int, default=1, help="beam width on every side (1: greedy)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds per side")
     p.add_argument(
         "--no-single",
@@ -190,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     model, tok = load_model(a.model, dtype=dtype)
     model.to(device).eval()
-    sides = make_sides(model, tok, a.batch_size, None)
+    sides = make_sides(model, tok, a.batch_size, None, a.beams)
     if a.no_single:
         del sides["moebench batch 1"]
     if a.no_hf_engine:
@@ -264,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dtype=a.dtype,
         device=str(device),
         batch_size=a.batch_size,
+        beams=a.beams,
         repeats=a.repeats,
         torch_threads=torch.get_num_threads(),
         data_dir=str(data_dir),

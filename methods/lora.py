@@ -24,6 +24,7 @@ from moebench.method import (
     BatchContext,
     LinearMethod,
     LinearShape,
+    RankLayout,
 )
 
 
@@ -64,6 +65,9 @@ class LoRALinear(AdapterLayer):
             return out
         h = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling  # [.., r]
         return add_low_rank(out, h, self.lora_B)
+
+    def rank_layout(self) -> dict[str, RankLayout]:
+        return {"lora_A": RankLayout(0), "lora_B": RankLayout(1)}  # row j of A, column j of B
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

@@ -52,6 +52,7 @@ from moebench.method import (
     LinearMethod,
     LinearShape,
     Phase,
+    RankLayout,
 )
 
 WARMUP, JOINT = "lora-warmup", "joint"
@@ -128,6 +129,10 @@ class LoRACoELinear(AdapterLayer):
         self.router_stats = RouterStats(r)
         self._norm_sum: torch.Tensor | None = None
         self._norm_tokens: torch.Tensor | None = None
+
+    def rank_layout(self) -> dict[str, RankLayout]:
+        """The shared ranks (row j of A, column j of B); the router is scored on its own."""
+        return {"lora_A": RankLayout(0), "lora_B": RankLayout(1)}
 
     def gated(self) -> bool:
         return self.context.phase != WARMUP

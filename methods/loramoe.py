@@ -49,6 +49,7 @@ from moebench.method import (
     LinearShape,
     PrepareContext,
     Prepared,
+    RankLayout,
 )
 
 FFN_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -246,6 +247,14 @@ class LoRAMoELinear(AdapterLayer):
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         return self._aux
+
+    def rank_layout(self) -> dict[str, RankLayout]:
+        """Expert i owns ranks [i r, (i+1) r) of the stacked factors; the router is apart."""
+        per = self.rank
+        return {
+            "lora_A": RankLayout(0, ranks_per_expert=per),
+            "lora_B": RankLayout(1, ranks_per_expert=per),
+        }
 
     def stats(self) -> dict[str, float]:
         return self.router_stats.summary()

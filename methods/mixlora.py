@@ -48,7 +48,14 @@ from moebench.components import (
     token_mask,
 )
 from moebench.config import check, doc
-from moebench.method import METHODS, AdapterLayer, BatchContext, Method, ModelShapes
+from moebench.method import (
+    METHODS,
+    AdapterLayer,
+    BatchContext,
+    Method,
+    ModelShapes,
+    RankLayout,
+)
 from moebench.methods.lora import LoRALinear
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -216,6 +223,14 @@ class MixLoRAFFN(AdapterLayer):
         h_down = _grouped(self.dropout(a).to(self.down_A.dtype), self.down_A, counts) * s
         d_down = _grouped(h_down, self.down_B, counts)
         return out.index_add(0, tok, d_down.to(out.dtype))
+
+    def rank_layout(self) -> dict[str, RankLayout]:
+        """Each expert's own ranks per FFN factor: A [E, r, n_in] row j, B [E, n_out, r] col j."""
+        out = {}
+        for factor in ("gate", "up", "down"):
+            out[f"{factor}_A"] = RankLayout(1, factor, expert_dim=0)
+            out[f"{factor}_B"] = RankLayout(2, factor, expert_dim=0)
+        return out
 
     def stats(self) -> dict[str, float]:
         return self.router_stats.summary()

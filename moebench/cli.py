@@ -129,7 +129,7 @@ def run(
         str | None,
         typer.Option(
             help="Root folder of run outputs; each run writes checkpoints and its adapter into "
-            "its own folder <root>/<id> [default: results/runs]."
+            "its own folder <root>/run-<id>-<hash8> [default: results/runs]."
         ),
     ] = None,
     resume: Annotated[
@@ -231,7 +231,16 @@ def run(
                     f"{spec.suite}, seed {spec.seed} (all settings: moebench runs show ID "
                     "--config)[/]"
                 )
-                run_id = runner.execute(spec, env, observer, budget=record, gpus=gpus or 1)
+                run_id = runner.execute(
+                    spec,
+                    env,
+                    observer,
+                    budget=record,
+                    on_new_store=lambda url: progress.console.print(
+                        f"created a new results store at {url}"
+                    ),
+                    gpus=gpus or 1,
+                )
         except KeyboardInterrupt:
             progress.stop()
             err.print(
@@ -269,7 +278,7 @@ def overlap_lines(overlap: dict[str, Any]) -> str:
 def _stored_config(db: str | None, run_id: int) -> dict[str, Any]:
     from moebench import store
 
-    return dict(store.get_run(store.open_store(db), run_id)["config"])
+    return dict(store.get_run(store.open_existing_store(db), run_id)["config"])
 
 
 def _progress() -> Progress:
@@ -298,7 +307,7 @@ def _setup_logging(verbose: bool) -> None:
 def _print_metrics(db: str | None, run_id: int) -> None:
     from moebench import store
 
-    s = store.open_store(db)
+    s = store.open_existing_store(db)
     row = store.get_run(s, run_id)
     table = Table(title=f"run {run_id}: {row['method']} on {row['model']} ({row['status']})")
     for col in ("task", "metric", "value %", "± stderr", "n", "parse fail", "protocol"):
@@ -480,7 +489,7 @@ def runs_list(
     """Stored runs, newest first."""
     from moebench import store
 
-    s = store.open_store(db)
+    s = store.open_existing_store(db)
     table = Table(title=f"runs in {store.db.display_url(s.url)}")
     for col in (
         "id",
@@ -520,7 +529,7 @@ def runs_show(
     """One run: its record, config and scores."""
     from moebench import store
 
-    s = store.open_store(db)
+    s = store.open_existing_store(db)
     row = store.get_run(s, run_id)
     if config_only:
         print(json.dumps(row["config"], indent=2))
@@ -631,7 +640,7 @@ def eval_run(
     if lm_eval_tasks is None:
         raise ConfigError("Give the tasks to score with --lm-eval-tasks, e.g. boolq,gsm8k.")
     result = evaluate_run(
-        store.open_store(db),
+        store.open_existing_store(db),
         run_id,
         parse_task_names(lm_eval_tasks),
         include_path=include_path,
@@ -675,7 +684,7 @@ def export(
     from moebench import store
 
     text = store.export_runs(
-        store.open_store(db), run_ids or None, fmt, out, include_predictions=predictions
+        store.open_existing_store(db), run_ids or None, fmt, out, include_predictions=predictions
     )
     if out is None:
         sys.stdout.write(text)
@@ -701,7 +710,8 @@ def compare(
 
     if flips < 0:
         raise ConfigError(f"--flips {flips} must be 0 or more (0: list no item ids).")
-    c = compare_runs(store.open_store(db), run_a, run_b, tasks=task, resamples=resamples, seed=seed)
+    opened = store.open_existing_store(db)
+    c = compare_runs(opened, run_a, run_b, tasks=task, resamples=resamples, seed=seed)
     for label, r in (("A", c.run_a), ("B", c.run_b)):
         console.print(
             f"[bold]{label}[/]: run {r['id']}, {r['method']} on {r['model']}, "
@@ -792,7 +802,7 @@ def runs_summary(
     from moebench import store
     from moebench.comparisons import seed_groups
 
-    s = store.open_store(db)
+    s = store.open_existing_store(db)
     groups = seed_groups(s, method=method, model=model, suite=suite, min_seeds=min_seeds)
     if not groups:
         console.print(
@@ -831,7 +841,9 @@ def runs_summary(
 
 
 # `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
-from moebench import cli_jobs  # noqa: E402, F401
+# `analyze` likewise.
+import moebench.cli_leaderboard  # noqa: E402, F401  (`leaderboard`, bundles)
+from moebench import cli_analyze, cli_jobs  # noqa: E402, F401
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from moebench.cli import DbOpt, _setup_logging, app, console, err
 from moebench.config import parse_sets
-from moebench.errors import ConfigError, NotFoundError
+from moebench.errors import ConfigError
 
 jobs_app = typer.Typer(
     help="The job queue: list, show (with log tail), cancel and retry jobs.",
@@ -36,29 +36,10 @@ WorkersOpt = Annotated[
 
 
 def open_existing(db: str | None) -> Any:
-    """The store for a read command: a SQLite file that does not exist is not created."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
-
+    """The store for a read command: one that does not exist is not created."""
     from moebench import store
 
-    url = store.resolve_db_url(db)
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database).expanduser()
-        if not path.is_file():
-            raise NotFoundError(
-                f"There is no results database at '{path}'; `moebench run` or `moebench sweep` "
-                "creates one (or pass --db)."
-            )
-    try:
-        return store.open_store(url)
-    except SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
-        raise NotFoundError(
-            f"The results database {store.db.display_url(url)} cannot be opened ({reason}); "
-            "check the --db path or URL."
-        ) from None
+    return store.open_existing_store(db)
 
 
 @app.command()
@@ -81,12 +62,21 @@ def sweep(
     queue_only: Annotated[
         bool, typer.Option("--queue-only", help="Queue the missing jobs and stop (no workers).")
     ] = False,
+    backend: Annotated[
+        str, typer.Option(help="Who works the queue: `local` worker processes, or `ray` tasks.")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to use with --backend ray [default: a local Ray instance]."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
 ) -> None:
     """Expand a sweep file into jobs, queue the missing ones, and work the queue until empty."""
     _setup_logging(verbose)
+    _check_backend(backend, address)
     # First of all, before this process imports torch (reading the file does): see start_early.
-    early = None if dry_run or queue_only else _start_early(db)
+    local = backend == "local" and not (dry_run or queue_only)
+    early = _start_early(db) if local else None
     try:
         from moebench.sweep import load_sweep
         from moebench.sweep_estimate import estimate
@@ -97,15 +87,50 @@ def sweep(
             return
         n_workers = workers if workers is not None else plan.execution.workers
         _check_gpus(plan)
-        slots = None if queue_only else _slots(n_workers, plan.execution.gpus)
+        slots = _slots(n_workers, plan.execution.gpus) if local else None
         _queue(plan, db, data_dir, output_dir, retry_failed, slots, early)
     finally:
         if early is not None:  # not handed over (a bad file, say): it leaves untouched
             early.retire()
-    if slots is None:
+    if queue_only:
         return
-    _work(db, plan.name, slots)
+    if slots is None:
+        _work_ray(db, plan.name, address, n_workers)
+    else:
+        _work(db, plan.name, slots)
     _print_outcome(db, plan)
+
+
+def _check_backend(backend: str, address: str | None) -> None:
+    """--backend and --address, checked before anything runs (Ray installed included)."""
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--backend {backend!r} is not one of: local, ray.")
+    if address is not None and backend != "ray":
+        raise ConfigError(f"--address {address} is a Ray cluster's address; add --backend ray.")
+    if backend == "ray":
+        from moebench.ray_backend import require_ray
+
+        require_ray()
+
+
+def _work_ray(db: str | None, sweep_name: str, address: str | None, workers: int | None) -> None:
+    """Work the sweep as Ray tasks; `--workers` is the job slots of a local Ray instance."""
+    from moebench import store
+    from moebench.ray_backend import work_sweep
+
+    url = store.resolve_db_url(db)
+    s = open_existing(db)
+    where = address or "a local Ray instance"
+    console.print(f"working the queue as Ray tasks on {where}")
+    try:
+        work_sweep(url, sweep_name, address=address, num_cpus=workers)
+    except KeyboardInterrupt:
+        err.print(
+            "Interrupted: the jobs' processes stop with their Ray tasks and resume from their "
+            "last checkpoints when the same command runs again (with either backend)."
+        )
+        raise typer.Exit(130) from None
+    console.print(jobs_table(s, sweep_name))
 
 
 def _print_plan(plan: Any, estimates: list[dict[str, Any]]) -> None:
@@ -171,6 +196,8 @@ def _queue(
     for suite, tasks in {(j.spec.suite, j.spec.eval.tasks) for j in plan.jobs}:
         resolve_suite(get_suite(suite), data_dir, tasks)  # missing data: one sentence, no job
     s = store.open_store(db)
+    if s.created:
+        console.print(f"created a new results store at {s.display_url}")
     if slots:
         from moebench.worker import prestart
 

@@ -33,6 +33,10 @@ class NotFoundError(MoebenchError):
     """A name that no registry or store knows."""
 
 
+class StoreError(MoebenchError):
+    """A results database that cannot be opened, created or written (moebench.store.db)."""
+
+
 class TrainingDiverged(MoebenchError):
     """The loss became NaN or infinite; the run is marked failed with the step and batch."""
 

@@ -120,6 +120,23 @@ class ModelShapes:
         )
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """Where rank components sit in one adapter tensor (the importance analysis reads this).
+
+    Tensors of a layer that share `component` share its ranks: rank j's importance is the sum
+    over every such tensor's slice at index j of `rank_dim` (LoRA: row j of A plus column j of
+    B). `expert_dim` indexes independent sets of ranks in one tensor (MixLoRA's [E, r, d]
+    factors); `ranks_per_expert` says that consecutive ranks along `rank_dim` belong to one
+    expert (LoRAMoE's stacked [N r, d_in] A), for labels only.
+    """
+
+    rank_dim: int
+    component: str = ""  # "" for a layer with one set of ranks; MixLoRA: "gate", "up", "down"
+    expert_dim: int | None = None
+    ranks_per_expert: int | None = None
+
+
 class AdapterLayer(nn.Module):
     """Base of every module a method inserts.
 
@@ -138,6 +155,14 @@ class AdapterLayer(nn.Module):
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward, already weighted, keyed by name."""
+        return {}
+
+    def rank_layout(self) -> dict[str, RankLayout]:
+        """Optional: own parameter name -> how its elements map to rank components.
+
+        Parameters left out (routers) are still scored, per tensor. The default, {}, gives a
+        plugin per-tensor importance only.
+        """
         return {}
 
     def stats(self) -> dict[str, float]:

@@ -10,6 +10,7 @@ submit, claim and run in one process; a sweep's workers call `run_claimed` on wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ def submit(
         seed=spec.seed,
         execution={
             "output_root": str(root.expanduser().resolve()),
-            "data_dir": env.data_dir,
+            # absolute, like the output root: a worker elsewhere (a Ray task) has another cwd
+            "data_dir": str(Path(env.data_dir).expanduser().resolve()) if env.data_dir else None,
             **(execution or {}),
         },
         sweep=sweep,
@@ -98,15 +100,20 @@ def execute(
     observer: Observer | None = None,
     *,
     budget: dict[str, Any] | None = None,
+    on_new_store: Callable[[str], None] | None = None,
     gpus: int = 1,
 ) -> int:
     """Run one job now, in this process (`moebench run`): validate, store it as running under
-    this process (so no worker can take it), run it; with `gpus` > 1 its training runs on that
-    many data-parallel ranks (moebench.distributed), an execution setting like the retries."""
+    this process (so no worker can take it), run it. `on_new_store` hears the store's URL if
+    this call had to create it (a misspelt --db shows at once); with `gpus` > 1 its training
+    runs on that many data-parallel ranks (moebench.distributed), an execution setting like the
+    retries."""
     # Everything that can be wrong with the inputs is checked before anything is stored.
     check_gpus(gpus, spec.train.batch_size, spec.train.micro_batch_size)
     suite, data = load_data(spec, env.data_dir)
     store = db.open_store(env.db)
+    if store.created and on_new_store is not None:
+        on_new_store(store.display_url)
     owner = q.new_owner()
     execution = {"gpus": gpus} if gpus > 1 else None
     run_id = submit(store, spec, env, budget=budget, owner=owner, execution=execution)
@@ -119,7 +126,7 @@ def resume(
 ) -> int:
     """Continue a stopped run from its last usable checkpoint under its stored spec; `gpus`
     (an execution setting) changes how many data-parallel ranks it continues on."""
-    store = db.open_store(env.db)
+    store = db.open_existing_store(env.db)
     row = db.get_run(store, run_id)
     if row["status"] == "done":
         raise ConfigError(f"Run {run_id} is already done; nothing to resume.")

@@ -7,7 +7,6 @@ moebench.runner strings them together (`run_claimed`); nothing here claims or qu
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from moebench.evaluate import TaskResult, group_average
 from moebench.liveness import Heartbeat, shielded
 from moebench.method import Method, ModelShapes, PrepareContext, get_method
 from moebench.models import cache_dir, count_parameters, describe
+from moebench.paths import check_owned, claim_run_folder, run_folder_name, run_owner
 from moebench.provenance import git_sha, hardware, package_versions, peak_memory_bytes
 from moebench.run_records import (
     LogBuffer,
@@ -193,7 +193,7 @@ def open_job(
     check_same_data(run_id, produced.data, record)
     if produced.data is None:
         db.put_artifact(store, run_id, "data", record)
-    out_dir = Path(row["output_dir"]) if row["output_dir"] else _claim_folder(store, row)
+    out_dir = _own_folder(store, row)
     resume_from, skipped = find_resumable(out_dir / "checkpoints")
     for reason in skipped:
         log.warning("%s", reason)
@@ -221,23 +221,17 @@ def open_job(
     return Job(run_id, spec, data, out_dir, resume_from, LogBuffer(store, run_id), watch, gpus=gpus)
 
 
-def _claim_folder(store: db.Store, row: dict[str, Any]) -> Path:
-    """The run's own folder under its output root, never one another run (of this or another
-    database) already owns: each folder holds a marker naming its run and store."""
+def _own_folder(store: db.Store, row: dict[str, Any]) -> Path:
+    """The run's own folder under its output root (see moebench.paths): made on its first
+    attempt, found again from the stored `output_dir` on a resume or retry, and refused in one
+    sentence if its marker names another run."""
+    owner = run_owner(row, _store_identity(store))
+    if row["output_dir"]:  # made again, empty, if it was deleted
+        folder = Path(row["output_dir"])
+        return claim_run_folder(folder.parent, owner, folder.name)
     execution = row.get("execution") or {}
     root = Path(execution.get("output_root") or DEFAULT_OUTPUT_ROOT).resolve()
-    marker = {"store": _store_identity(store), "run_id": row["id"]}
-    folder = root / str(row["id"])
-    suffix = 0
-    while True:
-        mark = folder / ".moebench-run.json"
-        if not folder.exists() or (mark.is_file() and mark.read_text() == _json(marker)):
-            break
-        suffix += 1
-        folder = root / f"{row['id']}-{suffix}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".moebench-run.json").write_text(_json(marker))
-    return folder
+    return claim_run_folder(root, owner, run_folder_name(row))
 
 
 def _store_identity(store: db.Store) -> str:
@@ -247,10 +241,6 @@ def _store_identity(store: db.Store) -> str:
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         return "sqlite:" + str(Path(url.database).expanduser().resolve())
     return store.display_url
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
 
 
 def _stored_root(data: dict[str, Any] | None) -> str | None:
@@ -393,6 +383,7 @@ def train_stage(
     job.logs.flush()
     job.watch.store(store, job.run_id)
     store_router_summary(store, job.run_id)
+    check_owned(job.out_dir, run_owner(db.get_run(store, job.run_id), _store_identity(store)))
     save_adapter(built.adapted, job.spec, job.out_dir / "adapter")
     if result.steps_run:
         db.update_run(store, job.run_id, tokens_per_s=result.tokens_per_s)

@@ -72,7 +72,8 @@ def test_smoke_sweep_runs_every_job_once_and_a_resubmission_adds_nothing(tmp_pat
     rows = q.list_jobs(db.open_store(url), sweep="smoke")
     assert [r["status"] for r in rows] == ["done"] * 4 and {r["attempts"] for r in rows} == {1}
     assert all(
-        (Path(r["output_dir"]).parent / "logs" / f"run-{r['id']}.log").is_file() for r in rows
+        (Path(r["output_dir"]).parent / "logs" / f"{Path(r['output_dir']).name}.log").is_file()
+        for r in rows
     )
     p = _sweep(str(SMOKE), "--db", url, cwd=tmp_path)
     out, errs = p.communicate(timeout=300)

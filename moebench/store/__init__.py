@@ -11,6 +11,7 @@ from moebench.store.db import (
     Store,
     alembic_config,
     head_revision,
+    open_existing_store,
     open_store,
     resolve_db_url,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "head_revision",
     "list_runs",
     "log_steps",
+    "open_existing_store",
     "open_store",
     "put_artifact",
     "resolve_db_url",

@@ -23,9 +23,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from moebench.errors import MoebenchError
+from moebench.errors import MoebenchError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Store:
     def __init__(self, engine: Engine, url: str) -> None:
         self.engine = engine
         self.url = url
+        self.created = False  # set by open_store when that call made the database
         # Objects stay readable after commit: query functions return data built inside the
         # session, and expiring would turn each later attribute access into a query.
         self._sessions = sessionmaker(engine, expire_on_commit=False)
@@ -154,7 +156,11 @@ def create_store_engine(url: str) -> Engine:
         engine = create_engine(url)
         event.listen(engine, "connect", _set_sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A server that does not answer fails within seconds instead of libpq's default wait.
+    libpq = parsed.get_driver_name() in ("psycopg", "psycopg2")
+    timeout = libpq and "connect_timeout" not in parsed.query
+    connect_args = {"connect_timeout": 10} if timeout else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _check_not_newer(current: set[str], script: ScriptDirectory, url: str) -> None:
@@ -235,12 +241,151 @@ def _is_downgrade(script: ScriptDirectory, current: set[str], revision: str) -> 
 
 
 def open_store(url: str | None = None) -> Store:
-    """Open (creating if needed) the results database and migrate it to the current schema."""
+    """Open (creating if needed) the results database and migrate it to the current schema.
+
+    For `run`, `sweep` and workers, which write: the store is checked to take a write, and
+    `Store.created` says whether this call made it. Every failure is one `StoreError` naming
+    the database and what to do (see `_translated`)."""
     resolved = resolve_db_url(url)
-    engine = create_store_engine(resolved)
-    try:
-        migrate(engine)
-    except BaseException:
-        engine.dispose()
-        raise
+    with _translated(resolved):
+        _refuse_folder(resolved)
+        engine = create_store_engine(resolved)
+        try:
+            created = not _current_heads(engine)
+            migrate(engine)
+            _check_writable(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+    opened = Store(engine, resolved)
+    opened.created = created
+    if created:
+        log.info("created a new results store at %s", opened.display_url)
+    return opened
+
+
+def open_existing_store(url: str | None = None) -> Store:
+    """Open a results database for a read command (`runs`, `export`, `compare`, `jobs`): one
+    that does not exist, or holds no moebench tables, is refused, never created."""
+    resolved = resolve_db_url(url)
+    path = _sqlite_path(resolved)
+    if path is not None and not path.exists():
+        raise NotFoundError(
+            f"There is no results database at '{path}'; `moebench run` or `moebench sweep` "
+            "creates one (or pass --db the path of an existing one)."
+        )
+    empty = path is not None and path.is_file() and path.stat().st_size == 0
+    with _translated(resolved):
+        _refuse_folder(resolved)
+        engine = create_store_engine(resolved)
+        try:
+            if empty or not _current_heads(engine):  # an empty file: not even opened
+                raise NotFoundError(
+                    f"The database {display_url(resolved)} holds no moebench results (no "
+                    "moebench tables); `moebench run` or `moebench sweep` creates them, or pass "
+                    "--db the store you meant."
+                )
+            migrate(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     return Store(engine, resolved)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    return None if database.startswith("file:") else Path(database).expanduser()
+
+
+def _refuse_folder(url: str) -> None:
+    path = _sqlite_path(url)
+    if path is not None and path.is_dir():
+        raise StoreError(
+            f"The results database path '{path}' is a folder, not a file; pass --db a file "
+            f"path such as '{path / 'moebench.db'}'."
+        )
+
+
+def _current_heads(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(MigrationContext.configure(conn).get_current_heads())
+
+
+def _check_writable(engine: Engine) -> None:
+    """A write rolled back: a read-only file, folder or role fails here, before a run starts,
+    rather than once it has trained."""
+    with engine.connect() as conn, conn.begin() as tx:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
+        tx.rollback()
+
+
+@contextmanager
+def _translated(url: str) -> Iterator[None]:
+    """The one place a store failure becomes a sentence: the database, the cause, the fix."""
+    shown = display_url(url)
+    try:
+        yield
+    except MoebenchError:
+        raise
+    except (ModuleNotFoundError, NoSuchModuleError) as e:
+        raise StoreError(_missing_driver(url, e)) from None
+    except PermissionError as e:
+        raise StoreError(
+            f"The results database {shown} cannot be created: {e.strerror} at "
+            f"'{e.filename}'; pass --db a path in a folder you can write to."
+        ) from None
+    except SQLAlchemyError as e:
+        raise StoreError(_explain(url, e)) from None
+
+
+def _missing_driver(url: str, e: Exception) -> str:
+    shown = display_url(url)
+    name = getattr(e, "name", None)
+    if isinstance(e, NoSuchModuleError) or not name:
+        scheme = make_url(url).drivername
+        return (
+            f"Unknown database URL scheme '{scheme}' in {shown}; use sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST/DBNAME."
+        )
+    hint = (
+        "pip install 'moebench[postgres]' (psycopg)"
+        if make_url(url).get_backend_name() == "postgresql"
+        else f"install the '{name}' package"
+    )
+    return (
+        f"The results database {shown} needs the Python driver '{name}', which is not "
+        f"installed; {hint}, or use a SQLite path."
+    )
+
+
+def _explain(url: str, e: SQLAlchemyError) -> str:
+    shown = display_url(url)
+    reason = (str(getattr(e, "orig", None) or e).strip().splitlines() or ["no reason given"])[0]
+    reason = reason.removeprefix("connection failed: ")
+    path = _sqlite_path(url)
+    if path is not None:
+        if "not a database" in reason:
+            return (
+                f"'{path}' is not a SQLite database ({reason}); pass --db a moebench results "
+                "database, or a new path to create one."
+            )
+        if "readonly" in reason or "read-only" in reason:
+            return (
+                f"The results database '{path}' is read-only ({reason}); make the file and "
+                "its folder writable, or copy it to a writable place and pass --db there."
+            )
+        return (
+            f"The results database '{path}' cannot be opened ({reason}); check that its "
+            "folder exists and is writable, or pass --db another path."
+        )
+    parsed = make_url(url)
+    if isinstance(e, OperationalError) and parsed.get_backend_name() == "postgresql":
+        return (
+            f"The database server for {shown} does not answer ({reason}); start it, or check "
+            "the host, port, database name and credentials in --db."
+        )
+    return f"The results database {shown} cannot be opened ({reason}); check the --db URL."

@@ -1,0 +1,119 @@
+"""The leaderboard's reads: a few set-wise queries, never one query per run.
+
+Filters are bound parameters (`IN (...)` lists built by SQLAlchemy), never SQL text, so a model
+name typed into the page cannot change a query.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Select, and_, select
+
+from moebench import store as db
+from moebench.comparisons import headline_metric
+from moebench.store.queries import ARTIFACTS, METRICS, PREDICTIONS, RUNS
+
+if TYPE_CHECKING:
+    from moebench.board.table import BoardFilters, BoardRow
+
+_RUN_COLUMNS = (
+    "id",
+    "method",
+    "model",
+    "suite",
+    "config",
+    "seed",
+    "data_fingerprint",
+    "trainable_params",
+    "total_params",
+    "wall_time_s",
+    "peak_memory_bytes",
+    "last_step",
+)
+
+
+def _run_filter(filters: BoardFilters) -> Any:
+    """The WHERE clause on runs: finished, and inside every non-empty filter."""
+    clauses = [RUNS.c.status == "done"]
+    for column, wanted in (
+        (RUNS.c.model, filters.models),
+        (RUNS.c.suite, filters.suites),
+        (RUNS.c.method, filters.methods),
+    ):
+        if wanted:
+            clauses.append(column.in_(list(wanted)))
+    return and_(*clauses)
+
+
+def _rows(store: db.Store, stmt: Select[Any]) -> list[dict[str, Any]]:
+    with store.session() as s:
+        return [dict(r) for r in s.execute(stmt).mappings()]
+
+
+def finished_runs(store: db.Store, filters: BoardFilters) -> list[dict[str, Any]]:
+    """Finished runs inside the filters, with the columns the table needs."""
+    stmt = select(*(RUNS.c[c] for c in _RUN_COLUMNS)).where(_run_filter(filters))
+    return _rows(store, stmt)
+
+
+def headline_metrics(store: db.Store, filters: BoardFilters) -> dict[int, list[dict[str, Any]]]:
+    """run id -> its headline-metric rows (one joined query), inside the protocol filter."""
+    m = METRICS
+    stmt = (
+        select(m.c.run_id, m.c.task, m.c.metric, m.c.protocol, m.c.value, m.c.n, m.c.stderr)
+        .join(RUNS, RUNS.c.id == m.c.run_id)
+        .where(_run_filter(filters))
+    )
+    if filters.protocols:
+        stmt = stmt.where(m.c.protocol.in_(list(filters.protocols)))
+    out: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in _rows(store, stmt):
+        if row["metric"] == headline_metric(row["task"]):
+            out[row["run_id"]].append(row)
+    return out
+
+
+def budget_artifacts(store: db.Store, filters: BoardFilters) -> dict[int, dict[str, Any]]:
+    """run id -> its `budget` artifact (target, achieved and active parameters)."""
+    a = ARTIFACTS
+    stmt = (
+        select(a.c.run_id, a.c.data)
+        .join(RUNS, RUNS.c.id == a.c.run_id)
+        .where(_run_filter(filters), a.c.name == "budget")
+    )
+    return {r["run_id"]: r["data"] for r in _rows(store, stmt) if isinstance(r["data"], dict)}
+
+
+def attach_verdicts(store: db.Store, rows: list[BoardRow], filters: BoardFilters) -> None:
+    """Give each row its seed-averaged verdict per item, on items every one of its runs scored.
+
+    One query over the rows' runs; an item is (id, prompt hash, gold), so an id whose prompt
+    or gold changed between data files is not paired with the old one.
+    """
+    owner = {run: r for r in rows for run in r.runs}
+    if not owner:
+        return
+    p = PREDICTIONS
+    stmt = select(
+        p.c.run_id, p.c.task, p.c.protocol, p.c.item_id, p.c.prompt_hash, p.c.gold, p.c.correct
+    ).where(p.c.run_id.in_(list(owner)))
+    if filters.protocols:
+        stmt = stmt.where(p.c.protocol.in_(list(filters.protocols)))
+    found: dict[tuple[str, str, str], dict[tuple[str, str, str], list[bool]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    with store.session() as s:
+        for run_id, task, protocol, item, phash, gold, correct in s.execute(stmt):
+            row = owner[run_id]
+            if row.protocols.get(task) == protocol:
+                found[(row.key, task, protocol)][(item, phash, gold)].append(bool(correct))
+    for r in rows:
+        r.verdicts = {}
+        for task, protocol in r.protocols.items():
+            items = found.get((r.key, task, protocol))
+            if not items:
+                continue
+            n = len(r.runs)
+            r.verdicts[(task, protocol)] = {k: sum(v) / n for k, v in items.items() if len(v) == n}

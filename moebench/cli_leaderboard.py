@@ -1,0 +1,122 @@
+"""`moebench leaderboard`: start the Streamlit app on a store, or write its main view to a file.
+
+Registered on the main app by moebench.cli. The numbers come from `moebench.board`, the same
+functions the app calls, so an exported table and the page agree.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moebench.cli import DbOpt, app, console
+from moebench.errors import ConfigError
+
+APP_ENTRY = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+_SUFFIX = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
+
+
+def parse_count(text: str | None) -> int | None:
+    """`10000`, `10k`, `2.3M` -> a parameter count (None stays None)."""
+    if text is None:
+        return None
+    raw = text.strip().lower().replace(",", "").replace("_", "")
+    scale = _SUFFIX.get(raw[-1:], 1)
+    number = raw[:-1] if raw[-1:] in _SUFFIX else raw
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = -1.0
+    if value < 1:
+        raise ConfigError(
+            f"--target {text!r} is not a parameter count; give e.g. 10000, 10k or 2.3M."
+        )
+    return round(value)
+
+
+@app.command()
+def leaderboard(
+    db: DbOpt = None,
+    port: Annotated[int, typer.Option(help="Port to serve the app on.")] = 8501,
+    address: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine).")] = (
+        "127.0.0.1"
+    ),
+    export: Annotated[
+        Path | None,
+        typer.Option(help="Write the main view to FILE (.csv, .md, .tex, .html) and exit."),
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Only this model (repeatable).")] = None,
+    suite: Annotated[list[str] | None, typer.Option(help="Only this suite (repeatable).")] = None,
+    method: Annotated[list[str] | None, typer.Option(help="Only this method (repeatable).")] = None,
+    protocol: Annotated[
+        list[str] | None, typer.Option(help="Only scores under this protocol (repeatable).")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Target trainable parameters, e.g. 10k or 2.3M.")
+    ] = None,
+    band: Annotated[float, typer.Option(help="Budget band around --target, in percent.")] = 5.0,
+) -> None:
+    """Start the leaderboard (read-only on the store), or export its main view with --export."""
+    from moebench.board.table import BoardFilters
+    from moebench.store import resolve_db_url
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} is not a TCP port; use 1 to 65535.")
+    filters = BoardFilters(
+        models=tuple(model or ()),
+        suites=tuple(suite or ()),
+        methods=tuple(method or ()),
+        protocols=tuple(protocol or ()),
+        target_params=parse_count(target),
+        band=band / 100.0,
+    )
+    url = resolve_db_url(db)
+    if export is not None:
+        _export(url, filters, export)
+        return
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(APP_ENTRY),
+        "--server.port", str(port), "--server.address", address,
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    console.print(f"leaderboard on http://{address}:{port} reading {url} (read-only)")
+    env = {**os.environ, "MOEBENCH_DB": url}
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+def _export(url: str, filters: object, path: Path) -> None:
+    from moebench.board.export import FORMATS, records, write_export
+    from moebench.board.table import build_board
+    from moebench.store.readonly import open_store_readonly
+
+    if path.suffix.lower() not in FORMATS:
+        raise ConfigError(
+            f"--export {path}: unknown format '{path.suffix or '(none)'}'; use one of "
+            f"{', '.join(FORMATS)}."
+        )
+    with open_store_readonly(url) as store:
+        board = build_board(store, filters)  # type: ignore[arg-type]
+    rows = board.rows if path.suffix.lower() == ".csv" else [r for r in board.rows if r.in_band]
+    charts = _html_charts(board) if path.suffix.lower() == ".html" else []
+    write_export(path, records(board, rows=rows), board.score_columns(), charts)
+    console.print(f"wrote {len(rows)} rows to {path}")
+
+
+def _html_charts(board: object) -> list[str]:
+    """The Pareto and per-set charts as HTML divs, plotly.js inlined once (self-contained)."""
+    from moebench.board import charts
+
+    rows = board.rows  # type: ignore[attr-defined]
+    figures = [
+        charts.accuracy_vs_params(rows),
+        charts.per_set_bars([r for r in rows if r.in_band], board.score_columns()),  # type: ignore[attr-defined]
+    ]
+    return [
+        f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+        for i, f in enumerate(figures)
+    ]

@@ -1,0 +1,187 @@
+"""Every leaderboard page under AppTest, on a seeded store the app may only read (mode 0444).
+
+Shown numbers are checked against a recomputation from the SQLite rows (sqlite3, scipy), and
+the database file is byte-for-byte unchanged after every page ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_leaderboard_data import PLAN, seed_store
+
+pytest.importorskip("streamlit")
+scipy_stats = pytest.importorskip("scipy.stats")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+FAMILY = {"boolq": "commonsense", "piqa": "commonsense", "gsm8k": "math", "svamp": "math"}
+FAMILY["ifeval"] = "instruction"
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("app") / "board.db"
+    seed_store(path)
+    os.chmod(path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    return path
+
+
+def _app(monkeypatch: pytest.MonkeyPatch, url: str, page: str | None = None) -> AppTest:
+    monkeypatch.setenv("MOEBENCH_DB", url)
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    if page is not None:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _frame(at: AppTest, having: str, not_having: str | None = None):
+    """The first table shown with column `having` (AppTest does not expose dataframe keys)."""
+    for d in at.dataframe:
+        cols = list(d.value.columns)
+        if having in cols and (not_having is None or not_having not in cols):
+            return d.value
+    raise AssertionError(f"no table with a {having!r} column")
+
+
+def _sql(path: Path, query: str, *args: object) -> list[tuple]:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute(query, args).fetchall()
+    finally:
+        con.close()
+
+
+def _expected_scores(path: Path) -> dict[str, dict[str, list[float]]]:
+    """method -> column -> per-seed values, from the metrics rows."""
+    per_run: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    for method, run, task, value in _sql(
+        path,
+        "SELECT r.method, r.id, m.task, m.value FROM runs r JOIN metrics m ON m.run_id = r.id "
+        "WHERE r.status = 'done'",
+    ):
+        per_run[(method, run)][task] = value
+    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (method, _), scores in sorted(per_run.items()):
+        fams = defaultdict(list)
+        for task, v in scores.items():
+            fams[FAMILY[task]].append(v)
+        avgs = {f"{f}_avg": float(np.mean(v)) for f, v in fams.items()}
+        for col, v in {**scores, **avgs, "overall": float(np.mean(list(avgs.values())))}.items():
+            out[method][col].append(v)
+    return out
+
+
+def test_main_table_shows_the_recomputed_aggregates(monkeypatch, seeded: Path) -> None:
+    before = hashlib.sha256(seeded.read_bytes()).hexdigest()
+    at = _app(monkeypatch, f"sqlite:///{seeded}")
+    at.number_input(key="f_target").set_value(10_000).run()
+    frame = _frame(at, "vs_lora").set_index("method")
+    expected = _expected_scores(seeded)
+    assert set(frame.index) == set(PLAN)
+    for method, cols in expected.items():
+        assert frame.loc[method, "n_seeds"] == len(PLAN[method][2])
+        assert frame.loc[method, "trainable_params"] == PLAN[method][1]
+        for col in ("commonsense_avg", "math_avg", "instruction_avg", "overall"):
+            x = np.array(cols[col])
+            assert frame.loc[method, col] == pytest.approx(100 * x.mean(), abs=1e-3)
+        x = np.array(cols["overall"])
+        if x.size > 1:
+            half = scipy_stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+            assert frame.loc[method, "overall_low"] == pytest.approx(
+                100 * (x.mean() - half), abs=1e-3
+            )
+            assert frame.loc[method, "overall_high"] == pytest.approx(
+                100 * (x.mean() + half), abs=1e-3
+            )
+    # Budget band at 10,000 +/- 5%: only these are ranked; ties share a rank.
+    ranks = frame["rank"].to_dict()
+    assert ranks["loracoe"] == 1 and ranks["lora"] == ranks["loramoe"] == 2
+    assert np.isnan(ranks["mixlora"]) and np.isnan(ranks["lora_smoe"])
+    # Differences against LoRA: point values from the metric means; a verdict only where it holds.
+    lora = np.mean(expected["lora"]["overall"])
+    for method in ("loracoe", "loramoe"):
+        diff = 100 * (np.mean(expected[method]["overall"]) - lora)
+        assert frame.loc[method, "vs_lora"] == pytest.approx(diff, abs=1e-3)
+    assert frame.loc["loracoe", "vs_lora_verdict"] == "better"
+    assert frame.loc["loramoe", "vs_lora_verdict"] == ""
+    assert "within ±5% of 10,000" in " ".join(c.value for c in at.caption)
+    assert hashlib.sha256(seeded.read_bytes()).hexdigest() == before
+
+
+def test_filters_and_reference_rows(monkeypatch, seeded: Path) -> None:
+    at = _app(monkeypatch, f"sqlite:///{seeded}")
+    at.multiselect(key="f_method").set_value(["lora", "loracoe"]).run()
+    assert sorted(_frame(at, "vs_lora")["method"]) == ["lora", "loracoe"]
+    ref = _frame(at, "source", not_having="rank").set_index("method")
+    assert ref.loc["chance", "boolq"] == pytest.approx(50.0)
+    assert ref.loc["chance", "commonsense_avg"] == pytest.approx(50.0)  # boolq 1/2, piqa 1/2
+    published = ref[ref["model"] == "qwen2-0.5b"]
+    assert published.loc["LoRACoE (published)", "overall"] == pytest.approx(58.20)
+    assert set(ref["source"]) - {"measured"} == set(ref["source"])
+
+
+def test_run_page_predictions_and_flips(monkeypatch, seeded: Path) -> None:
+    at = _app(monkeypatch, f"sqlite:///{seeded}", "pages/run.py")
+    run_a = at.selectbox(key="run_a").value
+    at.checkbox(key="wrong_only").check().run()
+    wrong = _sql(seeded, "SELECT COUNT(*) FROM predictions WHERE run_id=? AND NOT correct", run_a)
+    assert len(_frame(at, "parse_failed")) == wrong[0][0]
+    run_b = at.selectbox(key="run_b").value
+    flips = _sql(
+        seeded,
+        "SELECT COUNT(*) FROM predictions a JOIN predictions b ON a.task=b.task AND "
+        "a.item_id=b.item_id AND a.protocol=b.protocol WHERE a.run_id=? AND b.run_id=? AND "
+        "a.correct != b.correct",
+        run_a,
+        run_b,
+    )
+    assert len(_frame(at, "flipped")) == flips[0][0]
+
+
+def test_every_page_runs_read_only(monkeypatch, seeded: Path) -> None:
+    before = hashlib.sha256(seeded.read_bytes()).hexdigest()
+    for page in ("pages/leaderboard.py", "pages/run.py", "pages/jobs.py"):
+        at = _app(monkeypatch, f"sqlite:///{seeded}", page)
+        assert not at.error, page
+    counts = dict(_sql(seeded, "SELECT status, COUNT(*) FROM runs GROUP BY status"))
+    shown = {m.label: int(m.value) for m in at.metric}
+    assert shown["done"] == counts["done"] and shown["failed"] == counts["failed"] == 1
+    failed = [d.value for d in at.dataframe if set(d.value["status"]) == {"failed"}]
+    assert list(failed[0]["status_reason"]) == ["CUDA out of memory at step 3"]
+    assert hashlib.sha256(seeded.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt", "newer"])
+def test_unusable_store_explains(monkeypatch, tmp_path: Path, seeded: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.db"
+    if kind == "empty":
+        path.touch()
+    elif kind == "corrupt":
+        path.write_bytes(b"not a database" * 300)
+    elif kind == "newer":
+        path.write_bytes(seeded.read_bytes())
+        con = sqlite3.connect(path)
+        con.execute("UPDATE alembic_version SET version_num = 'ffff9999'")
+        con.commit()
+        con.close()
+    at = _app(monkeypatch, f"sqlite:///{path}")
+    assert len(at.error) == 1
+    text = at.error[0].value + " ".join(m.value for m in at.markdown)
+    assert "What to run" in text
+    assert {
+        "missing": "no results database",
+        "empty": "no moebench tables",
+        "corrupt": "not a readable",
+        "newer": "newer moebench",
+    }[kind] in text

@@ -1,0 +1,200 @@
+"""The leaderboard's numbers against an independent recomputation from the database rows.
+
+The recomputation reads the SQLite file with the standard library's sqlite3 and uses scipy's t
+quantile and its own bootstrap, so a shared bug between it and `moebench.board` is unlikely.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from moebench import store as db
+from moebench.board.table import BoardFilters, build_board
+from moebench.store.readonly import StoreUnavailable, open_store_readonly
+from tests.test_leaderboard_data import PLAN, seed_store
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+FAMILY = {"boolq": "commonsense", "piqa": "commonsense", "gsm8k": "math", "svamp": "math"}
+FAMILY["ifeval"] = "instruction"
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("board") / "board.db"
+    seed_store(path)
+    os.chmod(path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # 0444: the app cannot write
+    return path
+
+
+def _raw(path: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def _per_run_scores(path: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """method -> run id -> set, family average and overall, from the metrics table."""
+    rows = _raw(
+        path,
+        "SELECT r.method, r.id, m.task, m.value FROM runs r JOIN metrics m ON m.run_id = r.id "
+        "WHERE r.status = 'done'",
+    )
+    out: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for method, run, task, value in rows:
+        out[method][run][task] = value
+    for runs in out.values():
+        for scores in runs.values():
+            fams = defaultdict(list)
+            for task, value in list(scores.items()):
+                fams[FAMILY[task]].append(value)
+            for f, vals in fams.items():
+                scores[f"{f}_avg"] = sum(vals) / len(vals)
+            scores["overall"] = sum(scores[f"{f}_avg"] for f in fams) / len(fams)
+    return out
+
+
+def _t_interval(values: list[float]) -> tuple[float, float, float]:
+    x = np.array(values)
+    half = scipy_stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return x.mean(), x.mean() - half, x.mean() + half
+
+
+def test_means_intervals_and_family_averages(seeded: Path) -> None:
+    expected = _per_run_scores(seeded)
+    with open_store_readonly(f"sqlite:///{seeded}") as store:
+        board = build_board(store)
+    assert {r.method for r in board.rows} == set(PLAN)
+    for row in board.rows:
+        runs = expected[row.method]
+        assert row.n_seeds == len(PLAN[row.method][2]) == len(runs)
+        for column in ("boolq", "ifeval", "commonsense_avg", "math_avg", "overall"):
+            values = [runs[r][column] for r in runs]
+            got = row.scores[column]
+            assert got.mean == pytest.approx(np.mean(values), abs=1e-12)
+            if len(values) > 1:
+                _, low, high = _t_interval(values)
+                assert (got.low, got.high) == pytest.approx((low, high), abs=1e-9)
+            else:
+                assert got.low is None and got.high is None
+        assert row.trainable_params == PLAN[row.method][1]
+        assert row.percent_of_base == pytest.approx(100 * PLAN[row.method][1] / 1_000_000)
+
+
+def _item_means(path: Path, method: str) -> dict[str, np.ndarray]:
+    rows = _raw(
+        path,
+        "SELECT p.task, p.item_id, p.correct FROM predictions p JOIN runs r ON r.id = p.run_id "
+        f"WHERE r.status = 'done' AND r.method = '{method}'",
+    )
+    acc: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for task, item, correct in rows:
+        acc[task][item].append(correct)
+    return {t: np.array([np.mean(acc[t][i]) for i in sorted(acc[t])]) for t in acc}
+
+
+def _overall(per_set: dict[str, float]) -> float:
+    fams = defaultdict(list)
+    for task, v in per_set.items():
+        fams[FAMILY[task]].append(v)
+    return float(np.mean([np.mean(v) for v in fams.values()]))
+
+
+def _bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, float]:
+    rng = np.random.default_rng(123)
+    draws = []
+    for _ in range(3000):
+        sample = {}
+        for task in a:
+            idx = rng.integers(0, a[task].size, a[task].size)
+            sample[task] = b[task][idx].mean() - a[task][idx].mean()
+        draws.append(_overall(sample))
+    return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def test_differences_against_lora_and_tie_ranks(seeded: Path) -> None:
+    with open_store_readonly(f"sqlite:///{seeded}") as store:
+        board = build_board(store, BoardFilters(target_params=10_000, band=0.05))
+    by = {r.method: r for r in board.rows}
+    lora = _item_means(seeded, "lora")
+    for method in ("loracoe", "loramoe"):
+        mine = _item_means(seeded, method)
+        diff = _overall({t: mine[t].mean() for t in mine}) - _overall(
+            {t: lora[t].mean() for t in lora}
+        )
+        low, high = _bootstrap_diff(lora, mine)
+        got = by[method].vs_lora
+        assert got is not None and got.diff == pytest.approx(diff, abs=1e-12)
+        assert (got.low, got.high) == pytest.approx((low, high), abs=0.015)
+        assert got.holds == (low > 0 or high < 0)
+    assert by["loracoe"].vs_lora.holds and not by["loramoe"].vs_lora.holds
+    # Band: within 5% of 10,000 are lora, loramoe (9,900) and loracoe (10,200); mixlora is not.
+    assert {m: r.in_band for m, r in by.items()} == {
+        m: abs(PLAN[m][1] / 10_000 - 1) <= 0.05 for m in PLAN
+    }
+    # loracoe beats both; lora and loramoe cannot be separated, so they share rank 2.
+    assert {m: r.rank for m, r in by.items()} == {
+        "loracoe": 1,
+        "lora": 2,
+        "loramoe": 2,
+        "mixlora": None,
+        "lora_smoe": None,
+    }
+    assert by["lora"].vs_lora is None and by["mixlora"].vs_lora is None
+
+
+def test_filters_are_values_not_sql(seeded: Path) -> None:
+    with open_store_readonly(f"sqlite:///{seeded}") as store:
+        hostile = build_board(store, BoardFilters(models=("x' OR '1'='1",)))
+        only = build_board(store, BoardFilters(methods=("lora",)))
+    assert hostile.rows == []
+    assert [r.method for r in only.rows] == ["lora"]
+
+
+def test_readonly_store_refuses_writes(seeded: Path) -> None:
+    with open_store_readonly(f"sqlite:///{seeded}") as store:
+        run = db.list_runs(store, limit=1)[0]
+        with pytest.raises(OperationalError, match=r"readonly|read-only"):
+            db.set_status(store, run["id"], "cancelled")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("kind", "make"),
+    [
+        ("missing", lambda tmp, src: tmp / "nope.db"),
+        ("empty", lambda tmp, src: (tmp / "empty.db").touch() or tmp / "empty.db"),
+        ("corrupt", lambda tmp, src: (tmp / "bad.db").write_bytes(b"x" * 4096) and tmp / "bad.db"),
+        ("newer", lambda tmp, src: _stamp(_copy(src, tmp / "new.db"), "ffff9999")),
+        ("older", lambda tmp, src: _stamp(_copy(src, tmp / "old.db"), "0004")),
+    ],
+)
+def test_unreadable_stores_say_what_happened(tmp_path: Path, seeded: Path, kind, make) -> None:
+    path = make(tmp_path, seeded)
+    with pytest.raises(StoreUnavailable) as e:
+        open_store_readonly(f"sqlite:///{path}")
+    assert e.value.kind == kind
+    assert "moebench" in str(e.value) or "--db" in str(e.value)
+
+
+def _stamp(path: Path, revision: str) -> Path:
+    os.chmod(path, 0o644)
+    con = sqlite3.connect(path)
+    con.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+    con.commit()
+    con.close()
+    return path
