@@ -152,6 +152,14 @@ def run(
             help="Drop training rows that overlap an eval set (the overlap is always reported).",
         ),
     ] = False,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            help="Train on N data-parallel ranks of this machine (N GPUs; on a CPU, N processes); "
+            "batch_size stays the global batch. With --resume: the ranks it continues on "
+            "[default: 1, or the run's own].",
+        ),
+    ] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
 ) -> None:
     """Train a method on a suite and score it; `moebench run` alone runs the embedded default."""
@@ -190,7 +198,7 @@ def run(
             if rerun is not None and config is not None:
                 raise ConfigError("--rerun and --config both give the base config; pass one.")
             if resume is not None:
-                run_id = runner.resume(resume, env, observer)
+                run_id = runner.resume(resume, env, observer, gpus=gpus or None)
             else:
                 base = load_file(config) if config else {}
                 if rerun is not None:
@@ -231,6 +239,7 @@ def run(
                     on_new_store=lambda url: progress.console.print(
                         f"created a new results store at {url}"
                     ),
+                    gpus=gpus or 1,
                 )
         except KeyboardInterrupt:
             progress.stop()

@@ -86,7 +86,8 @@ def sweep(
             _print_plan(plan, [estimate(j, data_dir) for j in plan.jobs])
             return
         n_workers = workers if workers is not None else plan.execution.workers
-        slots = _slots(n_workers) if local else None
+        _check_gpus(plan)
+        slots = _slots(n_workers, plan.execution.gpus) if local else None
         _queue(plan, db, data_dir, output_dir, retry_failed, slots, early)
     finally:
         if early is not None:  # not handed over (a bad file, say): it leaves untouched
@@ -155,10 +156,22 @@ def _start_early(db: str | None) -> Any:
     return start_early(db)
 
 
-def _slots(workers: int | None) -> list[Any]:
+def _slots(workers: int | None, gpus: int = 1) -> list[Any]:
     from moebench.worker import plan_slots
 
-    return plan_slots(workers)
+    return plan_slots(workers, gpus)
+
+
+def _check_gpus(plan: Any) -> None:
+    """Every job's batch must split over the sweep's `gpus` ranks, said before any is queued."""
+    from moebench.distributed import check_gpus
+
+    for job in plan.jobs:
+        try:
+            train = job.spec.train
+            check_gpus(plan.execution.gpus, train.batch_size, train.micro_batch_size)
+        except ConfigError as e:
+            raise ConfigError(f"{plan.path}: job {job.label} (line {job.line}): {e}") from None
 
 
 def _queue(
@@ -198,6 +211,8 @@ def _queue(
         old = have.get(job.spec.hash)
         if old is None:
             execution = {"retries": plan.execution.retries, "label": job.label}
+            if plan.execution.gpus > 1:
+                execution["gpus"] = plan.execution.gpus
             try:
                 run_id = submit(
                     s, job.spec, env, budget=job.budget, sweep=plan.name, execution=execution

@@ -272,6 +272,10 @@ def helper_ranks(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        # The hand-off (the tokenised rows: large on a real mixture) is rebuilt by a resume;
+        # the helpers' logs stay beside the checkpoints.
+        for name in ["examples.json", "handoff.json", *(p.name for p in workdir.glob("ready.*"))]:
+            (workdir / name).unlink(missing_ok=True)
 
 
 def _start(rank: int, workdir: Path, gpu: str | None) -> subprocess.Popen[bytes]:

@@ -121,8 +121,11 @@ def execute(
     return run_claimed(store, row, owner, env, observer, loaded=(suite, data))
 
 
-def resume(run_id: int, env: RunEnv, observer: Observer | None = None) -> int:
-    """Continue a stopped run from its last usable checkpoint under its stored spec."""
+def resume(
+    run_id: int, env: RunEnv, observer: Observer | None = None, *, gpus: int | None = None
+) -> int:
+    """Continue a stopped run from its last usable checkpoint under its stored spec; `gpus`
+    (an execution setting) changes how many data-parallel ranks it continues on."""
     store = db.open_existing_store(env.db)
     row = db.get_run(store, run_id)
     if row["status"] == "done":
@@ -140,6 +143,15 @@ def resume(run_id: int, env: RunEnv, observer: Observer | None = None) -> int:
             f"Run {run_id} is being run right now by process {held['owner']} (last heartbeat "
             f"{held['heartbeat_at']:%H:%M:%S} UTC); stop it first, or wait for it to end."
         )
+    if gpus is not None:
+        try:
+            spec = spec_of(claimed)
+            check_gpus(gpus, spec.train.batch_size, spec.train.micro_batch_size)
+        except BaseException:
+            q.release(store, run_id, owner, claimed["claimed_from"], claimed["status_reason"])
+            raise
+        claimed["execution"] = {**(claimed.get("execution") or {}), "gpus": gpus}
+        q.set_execution(store, run_id, claimed["execution"])
     return run_claimed(store, claimed, owner, env, observer, restore=True)
 
 

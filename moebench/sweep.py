@@ -54,9 +54,14 @@ class SweepExecution:
 
     retries: int = doc("attempts after a job's first failure (a crash, a lost worker)", 2)
     workers: int | None = doc("jobs run at once (None: one per visible GPU, else 1)", None)
+    gpus: int = doc(
+        "data-parallel ranks per job (moebench.distributed): GPUs each, or CPU processes", 1
+    )
 
     def __post_init__(self) -> None:
         problems = []
+        if self.gpus < 1:
+            problems.append(f"gpus={self.gpus} must be >= 1")
         if self.retries < 0:
             problems.append(f"retries={self.retries} must be >= 0")
         if self.workers is not None and self.workers < 1:

@@ -309,8 +309,9 @@ class QueueReport:
     exit_codes: list[int] = field(default_factory=list)
 
 
-def plan_slots(workers: int | None) -> list[Slot]:
-    """One slot per visible GPU (CUDA_VISIBLE_DEVICES honoured), else `workers` CPU slots."""
+def plan_slots(workers: int | None, per_job: int = 1) -> list[Slot]:
+    """One slot per visible GPU (CUDA_VISIBLE_DEVICES honoured), or per `per_job` of them for jobs
+    on that many ranks; else `workers` CPU slots (each job's ranks then share the CPU)."""
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers} must be at least 1 (or left out: one per GPU).")
     if workers is None:
@@ -321,6 +322,14 @@ def plan_slots(workers: int | None) -> list[Slot]:
             import torch
 
             gpus = [str(i) for i in range(torch.cuda.device_count())]
+        if gpus and per_job > 1:
+            if len(gpus) < per_job:
+                raise ConfigError(
+                    f"Jobs on {per_job} GPUs each need {per_job} visible GPUs; this machine "
+                    f"shows {len(gpus)}."
+                )
+            groups = [gpus[i : i + per_job] for i in range(0, len(gpus) - per_job + 1, per_job)]
+            return [Slot("gpu" + "+".join(g), ",".join(g)) for g in groups]
         if gpus:
             return [Slot(f"gpu{g}", g) for g in gpus]
         workers = 1

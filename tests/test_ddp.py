@@ -128,3 +128,54 @@ def test_bad_gpus_are_refused_before_anything_is_stored(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--gpus 0 must be at least 1"):
         execute(_spec("lora"), RunEnv(db=url, output_dir=str(tmp_path)), gpus=0)
     assert not (tmp_path / "bad.db").exists() or not store.list_runs(store.open_store(url))
+
+
+SWEEP = """\
+name: two-ranks
+axes: {method: [lora, mixlora], model: tiny-llama}
+set:
+  train.max_steps: 2
+  train.batch_size: 4
+  train.micro_batch_size: MICRO
+execution:
+  gpus: 2
+"""
+
+
+def test_a_sweeps_gpus_go_with_each_queued_job_and_leave_its_hash_alone(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moebench.cli import app
+    from moebench.store import jobs as q
+    from moebench.sweep import load_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SWEEP.replace("MICRO", "2"))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    r = CliRunner().invoke(app, ["sweep", str(path), "--db", url, "--queue-only"])
+    assert r.exit_code == 0, r.output
+    rows = q.list_jobs(store.open_store(url), sweep="two-ranks")
+    assert [row["execution"]["gpus"] for row in rows] == [2, 2]
+    single = tmp_path / "one.yaml"
+    single.write_text(SWEEP.replace("MICRO", "2").replace("  gpus: 2\n", "  gpus: 1\n"))
+    hashes = [store.get_run(store.open_store(url), row["id"])["config_hash"] for row in rows]
+    assert hashes == [j.spec.hash for j in load_sweep(single).jobs]
+
+    path.write_text(SWEEP.replace("MICRO", "4"))  # 4 rows a micro-batch on each of 2 ranks > 4
+    bad = f"sqlite:///{tmp_path / 'bad.db'}"
+    r = CliRunner().invoke(app, ["sweep", str(path), "--db", bad, "--queue-only"])
+    assert r.exit_code != 0
+    assert f"{path}: job lora tiny-llama" in str(r.exception)
+    assert "micro_batch_size=4 x gpus=2" in str(r.exception)
+    assert not (tmp_path / "bad.db").exists()
+
+
+def test_jobs_on_two_gpus_get_two_gpus_a_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moebench.worker import plan_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7,1")
+    assert [s.gpu for s in plan_slots(None, 2)] == ["4,5", "6,7"]
+    assert [s.gpu for s in plan_slots(None)] == ["4", "5", "6", "7", "1"]
+    with pytest.raises(ConfigError, match="Jobs on 8 GPUs each need 8 visible GPUs; this"):
+        plan_slots(None, 8)
+    assert [s.gpu for s in plan_slots(2, 2)] == [None, None]  # CPU slots: ranks share the CPU
