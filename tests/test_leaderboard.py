@@ -247,3 +247,18 @@ def test_rank_test_counts_like_the_percentile_interval() -> None:
         diffs[::3] = np.round(diffs[::3], 2)  # ties at the boundary
         expected = [percentile_interval(d)[0] > 0 for d in diffs]
         assert _lower_bound_positive(diffs).tolist() == expected
+
+
+def test_board_and_runs_summary_agree(seeded: Path) -> None:
+    """The page and `moebench runs summary` read the same library: equal per-set numbers."""
+    from moebench.comparisons import seed_groups
+
+    with open_store_readonly(f"sqlite:///{seeded}") as store:
+        board = build_board(store)
+        groups = seed_groups(store, min_seeds=1)
+    by_runs = {r.runs: r for r in board.rows}
+    assert {g.runs for g in groups} == set(by_runs)
+    for g in groups:
+        row = by_runs[g.runs]
+        for s in g.sets:
+            assert row.scores[s.task] == s.summary

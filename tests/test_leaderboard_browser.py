@@ -21,6 +21,8 @@ import pytest
 from moebench.board.table import BoardFilters, build_board
 from tests.test_leaderboard_data import seed_store
 
+# Generous: a first render on a loaded 2-core CI machine imports streamlit, plotly and numpy.
+WAIT_MS = 180_000
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("streamlit")
@@ -80,8 +82,12 @@ def test_table_and_chart_render_in_chromium(served, tmp_path: Path) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(base, wait_until="networkidle")
-        page.wait_for_selector("[data-testid='stDataFrame']", timeout=60_000)
-        page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+        try:
+            page.wait_for_selector("[data-testid='stDataFrame']", timeout=WAIT_MS)
+            page.wait_for_selector(".js-plotly-plot", timeout=WAIT_MS)
+        except playwright_api.TimeoutError:
+            page.screenshot(path=str(tmp_path / "timeout.png"))
+            raise AssertionError(f"no table or chart; see {tmp_path / 'timeout.png'}") from None
         page.wait_for_timeout(1500)
         # The table's cells live in the grid's accessible table; the chart's data in its div.
         cells = page.locator("[data-testid='stDataFrame'] table td").all_inner_texts()
@@ -93,7 +99,7 @@ def test_table_and_chart_render_in_chromium(served, tmp_path: Path) -> None:
         target = page.get_by_label("Target trainable parameters (0: none)")
         target.fill("10000")
         target.press("Enter")
-        page.get_by_text("Compared: rows within").wait_for(timeout=30_000)
+        page.get_by_text("Compared: rows within").wait_for(timeout=WAIT_MS)
         page.wait_for_timeout(1500)
         shot = tmp_path / "leaderboard.png"
         page.screenshot(path=str(shot), full_page=False)

@@ -13,9 +13,13 @@ REFRESH_S = 5
 
 store = store_or_stop()
 st.title("Jobs")
+# Poll only while something is queued or running (a sweep is under way).
+active = any(jobs_by_status(store)[s] for s in ("queued", "running"))
+if active:
+    st.caption(f"Refreshing every {REFRESH_S} s while jobs are queued or running.")
 
 
-@st.fragment(run_every=REFRESH_S)
+@st.fragment(run_every=REFRESH_S if active else None)
 def _jobs() -> None:
     counts = jobs_by_status(store)
     cols = st.columns(len(counts))

@@ -9,6 +9,9 @@ from board_support import store_or_stop
 from moebench import store as db
 from moebench.board import charts
 from moebench.board.runs import prediction_sets, predictions, run_choices, side_by_side
+from moebench.worker import log_path
+
+LOG_LINES = 200
 
 store = store_or_stop()
 st.title("Run")
@@ -36,8 +39,8 @@ if metrics:
         key="metrics",
     )
 
-tab_config, tab_prov, tab_log, tab_pred, tab_pair = st.tabs(
-    ["Config", "Provenance", "Training log", "Predictions", "Side by side"]
+tab_config, tab_prov, tab_log, tab_text, tab_pred, tab_pair = st.tabs(
+    ["Config", "Provenance", "Training log", "Log file", "Predictions", "Side by side"]
 )
 with tab_config:
     st.json(run["config"], expanded=True)
@@ -84,6 +87,14 @@ with tab_log:
     if allocation is not None:
         st.caption("LoRA-SMoE: experts allocated per module")
         st.plotly_chart(allocation, key="allocation")
+with tab_text:
+    path = log_path(run)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        st.caption(f"{path}: last {min(len(lines), LOG_LINES)} of {len(lines)} lines")
+        st.code("\n".join(lines[-LOG_LINES:]), language=None)
+    else:
+        st.info(f"No log file at {path} (runs started by `moebench sweep` write one).")
 with tab_pred:
     sets = prediction_sets(store, run_id)
     c1, c2, c3 = st.columns(3)
