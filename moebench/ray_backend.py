@@ -43,6 +43,10 @@ FINAL = ("done", "failed", "cancelled")
 UNFINISHED = ("queued", "running", "interrupted")
 
 
+class RayStartError(MoebenchError):
+    """Ray did not start (a local instance) or could not be reached (a cluster's address)."""
+
+
 class RayTaskError(MoebenchError):
     """A task's worker processes keep failing on their own (not their job)."""
 
@@ -158,13 +162,21 @@ def work_sweep(
         local = address is None and not os.environ.get("RAY_ADDRESS")
         # A local instance is this machine's only, on the loopback address, with no dashboard.
         extra = {"num_cpus": num_cpus, "_node_ip_address": "127.0.0.1"} if local else {}
-        ray.init(
-            address=address,
-            include_dashboard=False if local else None,
-            configure_logging=False,
-            log_to_driver=False,
-            **extra,
-        )
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False if local else None,
+                configure_logging=False,
+                log_to_driver=False,
+                **extra,
+            )
+        except Exception as e:  # Ray raises a bare Exception (and others) when it fails to start
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = address or os.environ.get("RAY_ADDRESS") or "a local Ray instance"
+            raise RayStartError(
+                f"Ray could not start or reach {where} ({first}); the jobs stay queued in the "
+                "store and run when the same command succeeds (with either backend)."
+            ) from None
     try:
         return _run_tasks(ray, url, rows, on_tick, tick_s)
     finally:

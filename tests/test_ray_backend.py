@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,22 @@ def _sweep(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    """Sweeps a test starts; any still running at its end (a failed test) is stopped, and its
+    workers and Ray instance with it."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+
+
 def _parent(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("PPid:"):
@@ -77,7 +94,7 @@ def _outcome(url: str) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_ray_sweep_matches_the_local_runner_and_a_killed_ray_worker_costs_one_resume(
-    tmp_path: Path,
+    tmp_path: Path, started: list[subprocess.Popen[str]]
 ) -> None:
     sweep_file = tmp_path / "smoke-ray.yaml"
     sweep_file.write_text(SWEEP)
@@ -99,6 +116,7 @@ def test_ray_sweep_matches_the_local_runner_and_a_killed_ray_worker_costs_one_re
         "2",
         cwd=tmp_path,
     )
+    started += [local, ray]
     deadline = time.monotonic() + 600
     while True:  # the first job to checkpoint loses its Ray worker
         row = next((r for r in q.list_jobs(s) if r["status"] == "running" and r["last_step"]), None)
