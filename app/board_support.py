@@ -11,9 +11,9 @@ from moebench.store.readonly import StoreUnavailable, open_store_readonly
 CACHE_TTL_S = 30
 
 _WHAT_TO_RUN = {
-    "missing": "`moebench train ...` or `moebench sweep FILE` records runs; "
+    "missing": "`moebench run ...` or `moebench sweep FILE` records runs; "
     "`moebench leaderboard --db FILE` reads another store.",
-    "empty": "`moebench train ...` or `moebench sweep FILE` records runs in it.",
+    "empty": "`moebench run ...` or `moebench sweep FILE` records runs in it.",
     "corrupt": "restore the file from a copy, or `moebench leaderboard --db FILE` another store.",
     "newer": "`pip install -U moebench`, then reopen the leaderboard.",
     "older": "any writing command (e.g. `moebench runs list`) migrates it; then reopen.",

@@ -19,7 +19,7 @@ st.title("moebench leaderboard")
 options = filter_options(store)
 if not options.methods:
     st.info(
-        "No finished runs yet. `moebench train ...` or `moebench sweep FILE` records some; "
+        "No finished runs yet. `moebench run ...` or `moebench sweep FILE` records some; "
         "the Jobs page shows what is queued or running."
     )
     st.stop()

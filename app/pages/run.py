@@ -17,7 +17,7 @@ store = store_or_stop()
 st.title("Run")
 choices = run_choices(store)
 if not choices:
-    st.info("No runs recorded yet: `moebench train ...` or `moebench sweep FILE` makes some.")
+    st.info("No runs recorded yet: `moebench run ...` or `moebench sweep FILE` makes some.")
     st.stop()
 labels = dict(choices)
 ids = [i for i, _ in choices]

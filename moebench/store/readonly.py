@@ -47,7 +47,7 @@ def _sqlite_engine(url: str) -> Engine:
     if not path.is_file():
         raise StoreUnavailable(
             "missing",
-            f"There is no results database at {path}; run `moebench train ...` or "
+            f"There is no results database at {path}; run `moebench run ...` or "
             "`moebench sweep FILE` to make one, or pass --db with the file to read.",
         )
     engine = create_engine(f"sqlite:///file:{path.as_posix()}?mode=ro&uri=true")
@@ -84,7 +84,7 @@ def _check_revision(engine: Engine, url: str) -> None:
         raise StoreUnavailable(
             "empty",
             f"The results database {shown} holds no moebench tables yet; run "
-            "`moebench train ...` or `moebench sweep FILE` to record runs in it.",
+            "`moebench run ...` or `moebench sweep FILE` to record runs in it.",
         )
     if current - known:
         raise StoreUnavailable(
