@@ -69,10 +69,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from gpu_report import markdown
 
 ORDER = ["model", "methods", "mfu", "train", "eval-greedy", "eval-beam", "run"]
-NEEDS = {"mfu": "methods", "train": "model", "eval-greedy": "model", "eval-beam": "model"}
-NEEDS["run"] = "model"
-BUDGET_S = {"model": 30, "methods": 200, "mfu": 5, "train": 60, "eval-greedy": 45}
-BUDGET_S |= {"eval-beam": 60, "run": 70}
+NEEDS = {"mfu": "methods"} | {p: "model" for p in ("train", "eval-greedy", "eval-beam", "run")}
+BUDGET_S = {"model": 30, "methods": 200, "mfu": 5, "train": 60}  # seconds on one H100
+BUDGET_S |= {"eval-greedy": 45, "eval-beam": 60, "run": 70}
 SMOKE_BUDGET_S = 600
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"  # as CI
 
@@ -104,8 +103,45 @@ class Profile:
     vocab: int | None = None
 
 
-FULL = Profile("cuda", "qwen2-0.5b", 16, 256, 10, 3, 12, 64, 32, 64, 4, 20, 8, 32, 65, True, None)
-SMOKE = Profile("cpu", "tiny-qwen2", 2, 32, 2, 1, 2, 8, 4, 8, 4, 2, 1, 4, 600, False, 1, 4096)
+FULL = Profile(
+    device="cuda",
+    shape="qwen2-0.5b",
+    batch=16,
+    seq=256,
+    method_steps=10,
+    method_warmup=3,
+    train_steps=12,
+    eval_n=64,
+    eval_new_tokens=32,
+    eval_batch=64,
+    beams=4,
+    run_steps=20,
+    run_limit=8,
+    run_new_tokens=32,
+    run_timeout_s=65,
+    isolate=True,
+    threads=None,
+)
+SMOKE = replace(
+    FULL,
+    device="cpu",
+    shape="tiny-qwen2",
+    batch=2,
+    seq=32,
+    method_steps=2,
+    method_warmup=1,
+    train_steps=2,
+    eval_n=8,
+    eval_new_tokens=4,
+    eval_batch=8,
+    run_steps=2,
+    run_limit=1,
+    run_new_tokens=4,
+    run_timeout_s=600,
+    isolate=False,
+    threads=1,
+    vocab=4096,
+)
 
 
 def environment(device: str) -> dict[str, Any]:
