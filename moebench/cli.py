@@ -822,8 +822,8 @@ def runs_summary(
             )
 
 
-# `sweep`, `worker` and `jobs` live in their own module, registered on `app` when imported.
-from moebench import cli_jobs  # noqa: E402, F401
+# `sweep`, `worker`, `jobs` and `analyze` live in their own modules, registered when imported.
+from moebench import cli_analyze, cli_jobs  # noqa: E402, F401
 
 
 def main() -> None:
