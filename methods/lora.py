@@ -30,22 +30,22 @@ from moebench.method import (
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    rank: int = doc("rank r of the update B @ A", 16)
-    alpha: float = doc("scale numerator: the update is multiplied by alpha / rank", 32.0)
-    dropout: float = doc("dropout on the adapter's input (the frozen path sees the raw x)", 0.05)
+    rank: int = doc("rank r of the update B @ A", 16, ge=1, le=2**16)
+    alpha: float = doc(
+        "scale numerator: the update is multiplied by alpha / rank", 32.0, gt=0, le=1e6
+    )
+    dropout: float = doc(
+        "dropout on the adapter's input (the frozen path sees the raw x)", 0.05, ge=0, lt=1
+    )
     target_modules: tuple[str, ...] = doc(
         "module-name suffixes to adapt (comma-separated on the CLI)", ALL_LINEARS
     )
 
     def __post_init__(self) -> None:
         problems = []
-        if self.rank < 1:
-            problems.append(f"rank={self.rank} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
         if not self.target_modules:
             problems.append("target_modules is empty; name at least one linear, e.g. q_proj")
-        check(problems, "lora")
+        check(problems, "lora", self)
 
 
 class LoRALinear(AdapterLayer):

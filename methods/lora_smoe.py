@@ -59,22 +59,31 @@ BUDGET_TOLERANCE = 0.05
 
 @dataclass(frozen=True)
 class LoRASMoEConfig:
-    rank: int = doc("rank r of every expert (and of the plain LoRA where n=1)", 8)
-    alpha: float = doc("scale numerator: each expert's update is multiplied by alpha / rank", 16.0)
+    rank: int = doc("rank r of every expert (and of the plain LoRA where n=1)", 8, ge=1, le=2**16)
+    alpha: float = doc(
+        "scale numerator: each expert's update is multiplied by alpha / rank", 16.0, gt=0, le=1e6
+    )
     dropout: float = doc(
-        "dropout on the experts' input (router and frozen path see the raw x)", 0.05
+        "dropout on the experts' input (router and frozen path see the raw x)", 0.05, ge=0, lt=1
     )
     fraction: float = doc(
         "p: share of each group's modules above the per-task threshold (authors' file: 0.6); "
         "a budget overrides it and the solved p is written here",
         0.6,
+        gt=0,
+        le=1,
     )
     budget_experts: int | None = doc(
-        "solve p so the total number of experts (sum of n) is as close as possible to this", None
+        "solve p so the total number of experts (sum of n) is as close as possible to this",
+        None,
+        ge=1,
+        le=10**7,
     )
     budget_params: int | None = doc(
         "solve p so trainable parameters land within 5% of this (the closest allocation wins)",
         None,
+        ge=1,
+        le=10**12,
     )
     groups: Literal["module", "attention"] = doc(
         "threshold groups: module = each of q/k/v/o/gate/up/down its own group; attention = "
@@ -94,6 +103,8 @@ class LoRASMoEConfig:
         "examples per decoder layer under protocol=authors (L times this per task, each layer "
         "its own); per task under protocol=clean (every layer measured on the same ones)",
         8,
+        ge=1,
+        le=10_000,
     )
     allocation: tuple[str, ...] = doc(
         "experts per module as qualified.module.name=n items; filled by the preparation stage, "
@@ -103,33 +114,19 @@ class LoRASMoEConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.rank < 1:
-            problems.append(f"rank={self.rank} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
-        if not 0.0 < self.fraction <= 1.0:
-            problems.append(f"fraction={self.fraction} must be in (0, 1]")
         if self.budget_experts is not None and self.budget_params is not None:
             problems.append(
                 f"budget_experts={self.budget_experts} and budget_params={self.budget_params} "
                 "are both set; give at most one budget"
             )
-        if self.budget_experts is not None and self.budget_experts < 1:
-            problems.append(f"budget_experts={self.budget_experts} must be a positive integer")
-        if self.budget_params is not None and self.budget_params < 1:
-            problems.append(f"budget_params={self.budget_params} must be a positive integer")
         if self.groups not in ("module", "attention"):
             problems.append(f"groups={self.groups!r} must be 'module' or 'attention'")
         if not self.target_modules:
             problems.append("target_modules is empty; name at least one linear, e.g. q_proj")
-        if self.sensitivity_samples < 1:
-            problems.append(
-                f"sensitivity_samples={self.sensitivity_samples} must be a positive integer"
-            )
         if self.protocol not in PROTOCOLS:
             problems.append(f"protocol={self.protocol!r} must be one of: {', '.join(PROTOCOLS)}")
         problems += _allocation_problems(self.allocation)
-        check(problems, "lora-smoe")
+        check(problems, "lora-smoe", self)
 
 
 def _allocation_problems(items: Sequence[str]) -> list[str]:

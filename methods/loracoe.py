@@ -67,26 +67,38 @@ HASH_NEUTRAL = {"eval_gates": "router", "warmup_router": False}
 
 @dataclass(frozen=True)
 class LoRACoEConfig:
-    rank: int = doc("rank r of the shared LoRA, i.e. the number of rank-1 components", 16)
-    alpha: float = doc("scale numerator: the update is multiplied by alpha / rank", 32.0)
-    num_experts: int = doc("composite experts E, each a softmax over the r ranks (paper: 2)", 2)
-    dropout: float = doc("dropout on the adapter's input (paper setting not stated)", 0.05)
+    rank: int = doc(
+        "rank r of the shared LoRA, i.e. the number of rank-1 components", 16, ge=1, le=2**16
+    )
+    alpha: float = doc(
+        "scale numerator: the update is multiplied by alpha / rank", 32.0, gt=0, le=1e6
+    )
+    num_experts: int = doc(
+        "composite experts E, each a softmax over the r ranks (paper: 2)", 2, ge=1, le=1024
+    )
+    dropout: float = doc(
+        "dropout on the adapter's input (paper setting not stated)", 0.05, ge=0, lt=1
+    )
     target_modules: tuple[str, ...] = doc(
         "module-name suffixes to adapt (comma-separated on the CLI)", ALL_LINEARS
     )
     warmup_fraction: float = doc(
         "share of training spent as plain LoRA before the router joins (paper: 2 of 4 epochs)",
         0.5,
+        ge=0,
+        lt=1,
     )
     warmup_lr: float | None = doc(
-        "peak lr of the warm-up phase (paper: 2e-4; None: the run's train.lr)", 2e-4
+        "peak lr of the warm-up phase (paper: 2e-4; None: the run's train.lr)", 2e-4, gt=0, le=1
     )
     joint_lr: float | None = doc(
-        "peak lr of the joint phase (paper: 5e-5; None: the run's train.lr)", 5e-5
+        "peak lr of the joint phase (paper: 5e-5; None: the run's train.lr)", 5e-5, gt=0, le=1
     )
     gate_scale: float = doc(
         "multiplies the mean gate; 1 is the paper's formula, rank keeps the switch continuous",
         1.0,
+        gt=0,
+        le=1e6,
     )
     router_init: Literal["zeros", "kaiming", "normal"] = doc(
         "router weight init; zeros gives uniform gates at the start of the joint phase",
@@ -110,23 +122,9 @@ class LoRACoEConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.rank < 1:
-            problems.append(f"rank={self.rank} must be a positive integer")
-        if self.num_experts < 1:
-            problems.append(f"num_experts={self.num_experts} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            problems.append(f"warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        for name in ("warmup_lr", "joint_lr"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                problems.append(f"{name}={value} must be > 0 (or None for the run's lr)")
-        if self.gate_scale <= 0:
-            problems.append(f"gate_scale={self.gate_scale} must be > 0")
         if not self.target_modules:
             problems.append("target_modules is empty; name at least one linear, e.g. q_proj")
-        check(problems, "loracoe")
+        check(problems, "loracoe", self)
 
 
 class LoRACoELinear(AdapterLayer):

@@ -62,45 +62,42 @@ NO_TASK_TYPES_NOTE = (
 
 @dataclass(frozen=True)
 class LoRAMoEConfig:
-    num_experts: int = doc("LoRA experts N per targeted linear", 6)
-    rank: int = doc("rank r of each expert", 4)
-    alpha: float = doc("scale numerator: each expert's update is multiplied by alpha / rank", 32.0)
+    num_experts: int = doc("LoRA experts N per targeted linear", 6, ge=1, le=1024)
+    rank: int = doc("rank r of each expert", 4, ge=1, le=2**16)
+    alpha: float = doc(
+        "scale numerator: each expert's update is multiplied by alpha / rank", 32.0, gt=0, le=1e6
+    )
     dropout: float = doc(
-        "dropout on the experts' input (router and frozen path see the raw x)", 0.05
+        "dropout on the experts' input (router and frozen path see the raw x)", 0.05, ge=0, lt=1
     )
     target_modules: tuple[str, ...] = doc(
         "module-name suffixes to adapt (comma-separated on the CLI); the paper: the FFN linears",
         FFN_LINEARS,
     )
     lbc_delta: float = doc(
-        "LBC importance margin: I is 1+delta on a sample's own expert half, 1-delta elsewhere", 0.1
+        "LBC importance margin: I is 1+delta on a sample's own expert half, 1-delta elsewhere",
+        0.1,
+        ge=0,
+        lt=1,
     )
-    lbc_beta: float = doc("LBC weight in the loss (0 turns LBC off, as the authors' script)", 0.1)
+    lbc_beta: float = doc(
+        "LBC weight in the loss (0 turns LBC off, as the authors' script)", 0.1, ge=0, le=1000
+    )
     lbc_mask_padding: bool = doc(
         "count only real tokens in LBC's Q (false: the authors' code, padding included)", True
     )
     knowledge_tasks: tuple[str, ...] = doc(
-        "task names given type 1 (world knowledge) whatever they declare", ()
+        "task names given type 1 (world knowledge) whatever they declare", (), names="task"
     )
     general_tasks: tuple[str, ...] = doc(
-        "task names given type 0 (general) whatever they declare", ()
+        "task names given type 0 (general) whatever they declare", (), names="task"
     )
 
     def __post_init__(self) -> None:
         problems = []
-        if self.num_experts < 1:
-            problems.append(f"num_experts={self.num_experts} must be a positive integer")
-        if self.rank < 1:
-            problems.append(f"rank={self.rank} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
         if not self.target_modules:
             problems.append("target_modules is empty; name at least one linear, e.g. up_proj")
-        if not 0.0 <= self.lbc_delta < 1.0:
-            problems.append(f"lbc_delta={self.lbc_delta} must be in [0, 1)")
-        if self.lbc_beta < 0.0:
-            problems.append(f"lbc_beta={self.lbc_beta} must be >= 0 (0 turns LBC off)")
-        if self.lbc_beta > 0.0 and self.num_experts % 2:
+        if self.lbc_beta > 0.0 and self.num_experts >= 1 and self.num_experts % 2:
             problems.append(
                 f"num_experts={self.num_experts} must be even while LBC is on (lbc_beta="
                 f"{self.lbc_beta}): the experts split into two halves; set lbc_beta=0 or use an "
@@ -114,7 +111,7 @@ class LoRAMoEConfig:
                 f"task(s) {', '.join(both)} appear in both knowledge_tasks and general_tasks; "
                 "give each task one type"
             )
-        check(problems, "loramoe")
+        check(problems, "loramoe", self)
 
 
 def router_probs(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -34,13 +34,13 @@ from moebench.methods.loramoe import LoRAMoELinear
 
 @dataclass(frozen=True)
 class LoRAMoEPartitionConfig:
-    rank: int = doc("total rank r of the LoRA that the experts partition", 16)
+    rank: int = doc("total rank r of the LoRA that the experts partition", 16, ge=1, le=2**16)
     alpha: float = doc(
-        "scale numerator: the update is multiplied by alpha / (rank / experts)", 32.0
+        "scale numerator: the update is multiplied by alpha / (rank / experts)", 32.0, gt=0, le=1e6
     )
-    num_experts: int = doc("experts N; each owns rank / N of the ranks", 4)
+    num_experts: int = doc("experts N; each owns rank / N of the ranks", 4, ge=1, le=1024)
     dropout: float = doc(
-        "dropout on the adapter's input (router and frozen path see the raw x)", 0.05
+        "dropout on the adapter's input (router and frozen path see the raw x)", 0.05, ge=0, lt=1
     )
     target_modules: tuple[str, ...] = doc(
         "module-name suffixes to adapt (comma-separated on the CLI)", ALL_LINEARS
@@ -48,20 +48,14 @@ class LoRAMoEPartitionConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.rank < 1:
-            problems.append(f"rank={self.rank} must be a positive integer")
-        if self.num_experts < 1:
-            problems.append(f"num_experts={self.num_experts} must be a positive integer")
-        elif self.rank >= 1 and self.rank % self.num_experts:
+        if self.rank >= 1 and self.num_experts >= 1 and self.rank % self.num_experts:
             problems.append(
                 f"rank={self.rank} must be a multiple of num_experts={self.num_experts}, "
                 "since the experts split the ranks evenly"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
         if not self.target_modules:
             problems.append("target_modules is empty; name at least one linear, e.g. q_proj")
-        check(problems, "loramoe-partition")
+        check(problems, "loramoe-partition", self)
 
 
 class LoRAMoEPartition(LinearMethod):

@@ -64,15 +64,33 @@ FFN_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 @dataclass(frozen=True)
 class MixLoRAConfig:
-    rank: int = doc("rank r of every LoRA (attention linears and each expert's gate/up/down)", 16)
-    alpha: float = doc("scale numerator: every low-rank update is multiplied by alpha / rank", 32.0)
-    dropout: float = doc("dropout on each LoRA's input (the frozen path sees the raw input)", 0.05)
-    num_experts: int = doc("experts E per FFN, sharing its frozen weights, each with own LoRAs", 8)
-    top_k: int = doc("experts each token is sent to; their weights are renormalised to sum 1", 2)
-    aux_coef: float = doc(
-        "weight of the load-balance loss (the reference code's 0.001; its README shows 0.01)", 0.001
+    rank: int = doc(
+        "rank r of every LoRA (attention linears and each expert's gate/up/down)",
+        16,
+        ge=1,
+        le=2**16,
     )
-    router_init_std: float = doc("standard deviation of the router's normal init", 0.02)
+    alpha: float = doc(
+        "scale numerator: every low-rank update is multiplied by alpha / rank", 32.0, gt=0, le=1e6
+    )
+    dropout: float = doc(
+        "dropout on each LoRA's input (the frozen path sees the raw input)", 0.05, ge=0, lt=1
+    )
+    num_experts: int = doc(
+        "experts E per FFN, sharing its frozen weights, each with own LoRAs", 8, ge=1, le=1024
+    )
+    top_k: int = doc(
+        "experts each token is sent to; their weights are renormalised to sum 1", 2, ge=1, le=1024
+    )
+    aux_coef: float = doc(
+        "weight of the load-balance loss (the reference code's 0.001; its README shows 0.01)",
+        0.001,
+        ge=0,
+        le=1000,
+    )
+    router_init_std: float = doc(
+        "standard deviation of the router's normal init", 0.02, ge=0, le=10
+    )
     attention_targets: tuple[str, ...] = doc(
         "attention linears given plain LoRA (comma-separated on the CLI; may be empty)",
         ATTENTION_LINEARS,
@@ -80,27 +98,17 @@ class MixLoRAConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.rank < 1:
-            problems.append(f"rank={self.rank} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
-        if self.num_experts < 1:
-            problems.append(f"num_experts={self.num_experts} must be a positive integer")
-        if not 1 <= self.top_k <= self.num_experts:
+        if 1 <= self.num_experts < self.top_k:
             problems.append(
                 f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}"
             )
-        if not (math.isfinite(self.aux_coef) and self.aux_coef >= 0):
-            problems.append(f"aux_coef={self.aux_coef} must be a finite number >= 0")
-        if not (math.isfinite(self.router_init_std) and self.router_init_std >= 0):
-            problems.append(f"router_init_std={self.router_init_std} must be a finite number >= 0")
         unknown = [t for t in self.attention_targets if t not in ATTENTION_LINEARS]
         if unknown:
             problems.append(
                 f"attention_targets {', '.join(unknown)} are not attention linears; accepted: "
                 f"{', '.join(ATTENTION_LINEARS)} (the FFN is always routed)"
             )
-        check(problems, "mixlora")
+        check(problems, "mixlora", self)
 
 
 def _expert_factors(

@@ -19,6 +19,7 @@ from typing import Any
 
 from moebench.config import build, to_dict
 from moebench.errors import ConfigError
+from moebench.fits import fit_problems
 from moebench.method import METHODS, Method, ModelShapes, get_method
 from moebench.runspec import RunSpec
 
@@ -84,7 +85,15 @@ def parse_target(text: str, shapes: ModelShapes, total_params: int) -> Target:
                 f"Budget target '{text}': {method.name} is sized at run time, so it cannot be a "
                 "target; use another method's config, a share (0.5%) or a count (2.3M)."
             )
+        problems = fit_problems(method, config, shapes, "this model")
+        if problems:
+            raise ConfigError(f"Budget target '{text}': " + "; ".join(problems) + ".")
         count = method.trainable_parameters(config, shapes)
+        if count < 1:
+            raise ConfigError(
+                f"Budget target '{text}' trains no parameter on this model; name linears it "
+                f"has ({', '.join(shapes.linears)})."
+            )
         return Target(raw, count, method.name, to_dict(config))
     match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[kKmMbBgG])?", raw)
     if not match:
@@ -99,6 +108,11 @@ def parse_target(text: str, shapes: ModelShapes, total_params: int) -> Target:
         count = round(number * _SUFFIX.get((unit or "").lower(), 1))
     if count < 1:
         raise ConfigError(f"Budget target '{text}' is below one parameter.")
+    if count > total_params:
+        raise ConfigError(
+            f"Budget target '{text}' is {count:,} parameters, more than the whole base model "
+            f"({total_params:,}); accepted: a share in (0%, 100%] or a count up to that."
+        )
     return Target(raw, count)
 
 

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moebench.config import field_help, load_file, parse_sets
+from moebench.config import accepted_values, field_help, load_file, parse_sets
 from moebench.errors import ConfigError, MoebenchError
 
 app = typer.Typer(
@@ -25,8 +25,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Help text is plain: with markup on, rich takes "[default: lora]" for a style tag and drops it.
+    rich_markup_mode=None,
 )
-runs_app = typer.Typer(help="List and inspect stored runs.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="List and inspect stored runs.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(runs_app, name="runs")
 # A pipe or log file gets a wide console: names people copy (suites, protocols) must not be cut.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -163,6 +167,8 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")] = False,
 ) -> None:
     """Train a method on a suite and score it; `moebench run` alone runs the embedded default."""
+    if method is not None and resume is None:
+        _check_method_name(method)
     from moebench import runner
     from moebench.runspec import resolve
 
@@ -213,6 +219,7 @@ def run(
                     decontaminate=decontaminate,
                 )
                 spec = resolve(base=base, sets=parse_sets(set_ or []), options=options)
+                _refuse_ignored_data_dir(spec.suite, data_dir)
                 record = None
                 if budget is not None:
                     from moebench.budget import apply
@@ -249,6 +256,28 @@ def run(
             )
             raise typer.Exit(130) from None
     _print_metrics(db, run_id)
+
+
+def _check_method_name(name: str) -> None:
+    """A misspelt --method is refused before torch loads (the plugins import it)."""
+    from moebench.errors import unknown
+    from moebench.registry import declared_method_names
+
+    names = declared_method_names()
+    if name not in names:
+        raise unknown("method", name, names)
+
+
+def _refuse_ignored_data_dir(suite_name: str, data_dir: str | None) -> None:
+    """A packaged suite reads its own files: a --data-dir beside it would be silently ignored."""
+    from moebench.suites import get_suite
+
+    if data_dir is not None and get_suite(suite_name).packaged:
+        raise ConfigError(
+            f"--data-dir {data_dir} would be ignored: suite '{suite_name}' reads its own "
+            "packaged files; drop --data-dir, or pick a suite that reads a data folder "
+            "(`moebench tasks`)."
+        )
 
 
 def overlap_lines(overlap: dict[str, Any]) -> str:
@@ -354,13 +383,14 @@ def methods() -> None:
 
 def _fields_table(title: str, cls: type) -> None:
     table = Table(title=title, title_justify="left")
-    for col in ("field", "default", "help"):
+    for col in ("field", "default", "accepted", "help"):
         table.add_column(col)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
-        table.add_row(f.name, str(default), field_help(cls, f.name))
+        accepted = escape(accepted_values(cls, f.name))
+        table.add_row(f.name, escape(str(default)), accepted, field_help(cls, f.name))
     console.print(table)
 
 
@@ -484,10 +514,13 @@ def runs_list(
     method: Annotated[str | None, typer.Option(help="Only this method.")] = None,
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
-    limit: Annotated[int, typer.Option(help="At most N runs.")] = 50,
+    limit: Annotated[int, typer.Option(help="At most N runs (1 or more).")] = 50,
 ) -> None:
     """Stored runs, newest first."""
     from moebench import store
+
+    if limit < 1:
+        raise ConfigError(f"--limit {limit} must be 1 or more (the number of runs listed).")
 
     s = store.open_existing_store(db)
     table = Table(title=f"runs in {store.db.display_url(s.url)}")
@@ -639,6 +672,11 @@ def eval_run(
     logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
     if lm_eval_tasks is None:
         raise ConfigError("Give the tasks to score with --lm-eval-tasks, e.g. boolq,gsm8k.")
+    for flag, value, low in (("--limit", limit, 1), ("--batch-size", batch_size, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value} must be {low} or more.")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot {num_fewshot} must be 0 or more (0: zero-shot).")
     result = evaluate_run(
         store.open_existing_store(db),
         run_id,
@@ -691,6 +729,11 @@ def export(
 
         export_bundle_command(db, bundle, run_ids)
         return
+    if predictions and fmt != "json":
+        raise ConfigError(
+            f"--predictions is JSON only (CSV has no place for per-item predictions), so it "
+            f"would be ignored with --format {fmt}; use --format json --predictions."
+        )
 
     text = store.export_runs(
         store.open_existing_store(db), run_ids or None, fmt, out, include_predictions=predictions
@@ -710,7 +753,7 @@ def compare(
         int, typer.Option(help="List up to N flipped item ids per set and direction.")
     ] = 10,
     resamples: Annotated[int, typer.Option(help="Paired bootstrap resamples.")] = 10_000,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap (0 to 2^63-1).")] = 0,
     db: DbOpt = None,
 ) -> None:
     """Run B against run A item by item: B-A, its 95% interval, bootstrap and McNemar p."""
@@ -719,6 +762,8 @@ def compare(
 
     if flips < 0:
         raise ConfigError(f"--flips {flips} must be 0 or more (0: list no item ids).")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed {seed} is out of range; accepted: an integer in [0, 2^63-1].")
     opened = store.open_existing_store(db)
     c = compare_runs(opened, run_a, run_b, tasks=task, resamples=resamples, seed=seed)
     for label, r in (("A", c.run_a), ("B", c.run_b)):

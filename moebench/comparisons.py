@@ -75,6 +75,9 @@ class RunComparison:
     notes: list[str]  # families whose average was not formed, and why
 
 
+MAX_RESAMPLES = 1_000_000  # resamples x items float64 differences are held at once
+
+
 def compare_runs(
     store: db.Store,
     run_a: int,
@@ -94,6 +97,15 @@ def compare_runs(
         raise ConfigError(
             f"--resamples {resamples} is too few for a 95% interval; use at least 100 "
             "(default 10000)."
+        )
+    if resamples > MAX_RESAMPLES:
+        raise ConfigError(
+            f"--resamples {resamples:,} is past the {MAX_RESAMPLES:,} this comparison holds in "
+            "memory; use at most that (default 10000)."
+        )
+    if run_a == run_b:
+        raise ConfigError(
+            f"compare {run_a} {run_b} compares a run with itself; give two different run ids."
         )
     row_a, row_b = db.get_run(store, run_a), db.get_run(store, run_b)
     pred_a = _predictions_by_set(store, run_a, tasks)

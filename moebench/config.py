@@ -15,7 +15,8 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -53,22 +54,121 @@ def field_help(cls: type, name: str) -> str:
     return ""
 
 
-def doc(help_text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field with its one-line help; `default` may be a value or a factory."""
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of a numeric field, declared beside it: `doc(..., ge=1, le=4096)`.
+
+    Every numeric field has both ends: a value past a sane upper end (a rank of 10^9, a seed past
+    2^63) would otherwise fail deep inside torch with a traceback, or run for days.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
+
+    def __str__(self) -> str:
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}"
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})"
+        return f"{low}, {high}"
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "inf"
+    if float(x).is_integer() and abs(x) >= 10_000:
+        exp = math.log2(x + 1) if x > 0 else 0
+        return f"2^{int(exp)}-1" if exp.is_integer() else str(int(x))
+    return f"{x:g}"
+
+
+def doc(
+    help_text: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    names: str | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field with its one-line help and, for a number, its accepted range (for names,
+    the registry they come from); `default` may be a value or a factory."""
+    metadata: dict[str, Any] = {"help": help_text}
+    if names is not None:
+        metadata["names"] = names
+    if (ge, gt, le, lt) != (None, None, None, None):
+        if (ge is None) == (gt is None) or (le is None) == (lt is None):
+            raise TypeError("a range needs one lower end (ge or gt) and one upper (le or lt)")
+        metadata["range"] = Range(ge=ge, gt=gt, le=le, lt=lt)
     if callable(default) and not isinstance(default, type) and default is not None:
-        return dataclasses.field(default_factory=default, metadata={"help": help_text}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help_text}, **kw)
+        return dataclasses.field(default_factory=default, metadata=metadata, **kw)
+    return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+def field_range(cls: type, name: str) -> Range | None:
+    """The declared range of a numeric field, or None for a field that is not a number."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("range")
+    return None
+
+
+def accepted_values(cls: type, name: str) -> str:
+    """What a field accepts, in words, for `moebench methods`: its range, choices or registry."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    tp = typing.get_type_hints(cls)[name]
+    optional = type(None) in get_args(tp)
+    if "range" in f.metadata:
+        kind = "integer" if int in (tp, *get_args(tp)) else "number"
+        text = f"{kind} in {f.metadata['range']}"
+    elif "names" in f.metadata:
+        text = f"{f.metadata['names']} names (`moebench tasks`)"
+    else:
+        text = _type_name(tp).replace(" or None", "")
+    return text + (" or None" if optional and "None" not in text else "")
+
+
+def range_problems(cfg: Any) -> list[str]:
+    """One sentence per field of a config whose value is outside its declared range."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        bounds = f.metadata.get("range")
+        value = getattr(cfg, f.name)
+        if bounds is None or value is None or isinstance(value, bool):
+            continue
+        if not isinstance(value, int | float) or value not in bounds:
+            kind = "an integer" if isinstance(value, int) else "a number"
+            problems.append(f"{f.name}={value!r} is out of range; accepted: {kind} in {bounds}")
+    return problems
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
 
 
 def _type_name(tp: Any) -> str:
+    """A type as a user reads it: 'an integer or None', "'linear' | 'cosine'"."""
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is tuple:
-        return "comma-separated list"
-    return getattr(tp, "__name__", str(tp))
+        return "a comma-separated list"
+    if tp is type(None):
+        return "None"
+    return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -86,7 +186,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ValueError:
                 continue
-        raise ValueError(f"{key}={value!r} is not a {_type_name(tp)}")
+        raise ValueError(f"{key}={value!r} is not {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
         if value in allowed:
@@ -161,8 +261,30 @@ def build(cls: type[C], values: Mapping[str, Any], section: str) -> C:
         raise ConfigError(f"invalid {section} config: {e}.") from None
 
 
-def check(problems: list[str], section: str) -> None:
-    """Raise one ConfigError listing every validation problem of a config section."""
+def name_problems(cfg: Any, registries: Mapping[str, Collection[str]]) -> list[str]:
+    """One sentence per name in a config field that its registry does not know; a field says
+    which registry its names belong to with `doc(..., names="task")`."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        kind = f.metadata.get("names")
+        value = getattr(cfg, f.name)
+        if kind is None or value is None:
+            continue
+        known = registries[kind]
+        for name in (value,) if isinstance(value, str) else value:
+            if name not in known and name.lower() not in known:
+                problems.append(
+                    f"{f.name} names {kind} '{name}', which is not registered; accepted: "
+                    + ", ".join(sorted(known))
+                    + did_you_mean(name, known).rstrip("?").replace(" Did", "; did")
+                )
+    return problems
+
+
+def check(problems: list[str], section: str, cfg: Any = None) -> None:
+    """Raise one ConfigError listing every problem of a config section: each field outside its
+    declared range (when `cfg` is given), then the cross-field problems the section found."""
+    problems = (range_problems(cfg) if cfg is not None else []) + problems
     if problems:
         raise ConfigError(f"Invalid {section} config: " + "; ".join(problems) + ".")
 

@@ -28,14 +28,18 @@ class EvalConfig:
     mode: Literal["generate", "loglik"] = doc(
         "commonsense scoring: generate + regex (LLM-Adapters) or label log-likelihood", "generate"
     )
-    num_beams: int = doc("beams for generation (LLM-Adapters: 4; 1 = greedy)", 4)
-    batch_size: int = doc("prompts per generation/scoring batch", 16)
+    num_beams: int = doc("beams for generation (LLM-Adapters: 4; 1 = greedy)", 4, ge=1, le=64)
+    batch_size: int = doc("prompts per generation/scoring batch", 16, ge=1, le=2**16)
     max_new_tokens: int | None = doc(
-        "override every task's budget (None: commonsense 32, math 256)", None
+        "override every task's budget (None: commonsense 32, math 256)", None, ge=1, le=2**16
     )
-    limit: int | None = doc("score at most N items per set (smoke runs); None: all", None)
+    limit: int | None = doc(
+        "score at most N items per set (smoke runs); None: all", None, ge=1, le=10**9
+    )
     template: str | None = doc("prompt template id for eval (None: the training template)", None)
-    tasks: tuple[str, ...] | None = doc("eval sets to score (None: the suite's)", None)
+    tasks: tuple[str, ...] | None = doc(
+        "eval sets to score (None: the suite's)", None, names="task"
+    )
     merge: bool = doc("merge mergeable adapters into the base weights while scoring", True)
     engine: Literal["auto", "moebench", "hf"] = doc(
         "decoding engine: moebench's loop (prefill once per prompt, finished rows leave the "
@@ -45,19 +49,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.num_beams < 1:
-            problems.append(f"num_beams={self.num_beams} must be >= 1")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} must be >= 1")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"limit={self.limit} must be >= 1")
         if self.template is not None and self.template not in TEMPLATES:
             problems.append(f"template='{self.template}' is not one of {', '.join(TEMPLATES)}")
         if self.engine not in ENGINES:
             problems.append(f"engine='{self.engine}' is not one of {', '.join(ENGINES)}")
-        check(problems, "eval")
+        check(problems, "eval", self)
 
 
 @dataclass(frozen=True)

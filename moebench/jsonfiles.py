@@ -25,6 +25,11 @@ def read_json_array(path: Path) -> list[Any]:
             f"Data file {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
             "is it truncated?"
         ) from None
+    except RecursionError:
+        raise DataError(
+            f"Data file {path} nests arrays or objects too deeply to read; a data file is one "
+            "array of flat row objects."
+        ) from None
     if not isinstance(rows, list):
         raise DataError(
             f"Data file {path} holds a JSON {json_type(rows)}, expected an array of rows."

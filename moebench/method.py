@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from moebench.registry import Registry
+from moebench.registry import METHOD_GROUP, METHOD_PACKAGE, Registry
 from moebench.task import FAMILY_KNOWLEDGE, TASKS
 
 
@@ -304,7 +304,7 @@ class LinearMethod(Method):
 
 
 METHODS: Registry[Method] = Registry(
-    "method", (), group="moebench.methods", builtin_package="moebench.methods"
+    "method", (), group=METHOD_GROUP, builtin_package=METHOD_PACKAGE
 )
 
 

@@ -45,6 +45,8 @@ class DataConfig:
         "rows to draw from the suite's training pool, shared by task in proportion to "
         "weight x rows available (None: the whole pool after each file's own sample)",
         None,
+        ge=1,
+        le=10**9,
     )
     task_weights: tuple[str, ...] = doc(
         "'task=w' multipliers on a task's share when drawing train_rows (unlisted: 1)", ()
@@ -55,21 +57,22 @@ class DataConfig:
         (),
     )
     mixture_seed: int = doc(
-        "seed of every draw from the pool (not the run seed: seeds of a sweep share data)", 0
+        "seed of every draw from the pool (not the run seed: seeds of a sweep share data)",
+        0,
+        ge=0,
+        le=2**32 - 1,
     )
     decontaminate: bool = doc(
         "drop training rows that match an eval question or share an n-gram with an eval item",
         False,
     )
-    ngram: int = doc("n of the n-gram overlap check (GPT-3's decontamination used 13)", 13)
+    ngram: int = doc(
+        "n of the n-gram overlap check (GPT-3's decontamination used 13)", 13, ge=4, le=1000
+    )
 
     def __post_init__(self) -> None:
         problems = []
-        if self.train_rows is not None and self.train_rows < 1:
-            problems.append(f"train_rows={self.train_rows} must be >= 1")
-        if self.ngram < 4:
-            problems.append(f"ngram={self.ngram} must be >= 4 (shorter n-grams match by chance)")
-        check(problems, "data")
+        check(problems, "data", self)
         _pairs(self.task_weights, "task_weights", float)
         _pairs(self.task_sizes, "task_sizes", int)
 

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Where method plugins come from; named here so the CLI can list the names without torch.
+METHOD_PACKAGE = "moebench.methods"
+METHOD_GROUP = "moebench.methods"
+
 
 class Registry(Generic[T]):
     """A mapping from names to plugins, filled by built-in modules and entry points."""
@@ -103,6 +107,33 @@ class Registry(Generic[T]):
         self._load()
         return iter(sorted(self._items.items()))
 
+    def declared_names(self) -> list[str]:
+        """The names, read without importing a plugin (and so without torch): a built-in module
+        `foo_bar.py` registers `foo-bar` (tests/test_methods.py holds every plugin to that), and an
+        entry point's name is its plugin's. For rejecting a misspelt name in well under a second."""
+        names = set(self._items)
+        if self._builtin_package is not None:
+            package = importlib.import_module(self._builtin_package)
+            names |= {
+                info.name.replace("_", "-")
+                for info in pkgutil.iter_modules(package.__path__)
+                if not info.name.startswith("_")
+            }
+        if self._group is not None:
+            names |= {ep.name for ep in entry_points(group=self._group)}
+        return sorted(names)
+
+    def check_declared(self, name: str) -> None:
+        """Raise the standard unknown-name error for a name no plugin declares."""
+        choices = self.declared_names()
+        if name not in choices:
+            raise unknown(self.kind, name, choices)
+
     def __contains__(self, name: str) -> bool:
         self._load()
         return name in self._items
+
+
+def declared_method_names() -> list[str]:
+    """Method names as `Registry.declared_names` reads them, importing no plugin."""
+    return Registry[object]("method", (), METHOD_GROUP, METHOD_PACKAGE).declared_names()

@@ -12,18 +12,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from moebench.config import build, config_hash, to_dict, without_execution
+from moebench.config import Range, build, config_hash, name_problems, to_dict, without_execution
 from moebench.errors import ConfigError, did_you_mean
 from moebench.evaluate import EvalConfig
 from moebench.method import get_method
 from moebench.mixture import DataConfig
 from moebench.models import check_model_name
 from moebench.suites import get_suite
+from moebench.task import TASKS
 from moebench.train import TrainConfig
 
 SECTIONS = ("method_config", "train", "eval", "data")
 TOP_LEVEL = ("method", "model", "suite", "seed")
 ALIASES = {"method": "method_config"}  # `--set method.rank=8` reads naturally
+# The data order seeds a torch generator with seed * 100_003 + epoch, which must stay below 2^64.
+SEED_RANGE = Range(ge=0, le=2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ def resolve(
         top["seed"] = int(top["seed"])
     except (TypeError, ValueError):
         raise ConfigError(f"seed={top['seed']!r} is not an integer.") from None
+    if top["seed"] not in SEED_RANGE:
+        raise ConfigError(
+            f"seed={top['seed']} is out of range; accepted: an integer in {SEED_RANGE}."
+        )
 
     check_model_name(str(top["model"]))
     method = get_method(str(top["method"]))
@@ -145,6 +152,8 @@ def resolve(
             built[s] = build(cls, layered[s], section=method.name if s == "method_config" else s)
         except ConfigError as e:
             problems.append(str(e).rstrip("."))
+    for cfg in built.values():
+        problems += name_problems(cfg, {"task": TASKS.names()})
     if problems:
         raise ConfigError("; ".join(problems) + ".")
     return RunSpec(

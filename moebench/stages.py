@@ -21,6 +21,7 @@ from moebench.config import build, to_dict
 from moebench.data import Example, tokenize_row
 from moebench.errors import ConfigError, MoebenchError
 from moebench.evaluate import TaskResult, group_average
+from moebench.fits import check_fits
 from moebench.liveness import Heartbeat, shielded
 from moebench.method import Method, ModelShapes, PrepareContext, get_method
 from moebench.models import cache_dir, count_parameters, describe
@@ -121,6 +122,7 @@ def changed_settings(stored: dict[str, Any], now: dict[str, Any], prefix: str = 
 
 
 def load_data(spec: RunSpec, data_dir: str | None) -> tuple[ResolvedSuite, PreparedData]:
+    check_fits(get_method(spec.method), spec.method_config, spec.model)
     suite = resolve_suite(get_suite(spec.suite), data_dir, spec.eval.tasks)
     data = prepare_data(spec, suite)
     if not data.train_rows:

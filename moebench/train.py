@@ -36,30 +36,47 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: float = doc("passes over the training mixture (seed paper: 4)", 4.0)
+    epochs: float = doc("passes over the training mixture (seed paper: 4)", 4.0, gt=0, le=1000)
     max_steps: int | None = doc(
-        "train exactly this many optimizer steps (None: epochs decide)", None
+        "train exactly this many optimizer steps (None: epochs decide)", None, ge=1, le=10**9
     )
-    lr: float = doc("peak learning rate (seed paper, LoRA and LoRAMoE: 3e-4)", 3e-4)
+    lr: float = doc("peak learning rate (seed paper, LoRA and LoRAMoE: 3e-4)", 3e-4, gt=0, le=1)
     weight_decay: float = doc(
-        "AdamW decoupled weight decay, on trainable matrices only (HF Trainer default: 0)", 0.0
+        "AdamW decoupled weight decay, on trainable matrices only (HF Trainer default: 0)",
+        0.0,
+        ge=0,
+        le=1,
     )
-    batch_size: int = doc("effective batch size per optimizer step (seed paper: 16 Llama)", 16)
-    micro_batch_size: int = doc("rows per forward; batch_size/micro_batch_size = accumulation", 4)
-    cutoff_len: int = doc("truncate each tokenised row to this many tokens (LLM-Adapters)", 256)
-    warmup_steps: int = doc("linear LR warm-up steps per phase (LLM-Adapters: 100)", 100)
+    batch_size: int = doc(
+        "effective batch size per optimizer step (seed paper: 16 Llama)", 16, ge=1, le=2**20
+    )
+    micro_batch_size: int = doc(
+        "rows per forward; batch_size/micro_batch_size = accumulation", 4, ge=1, le=2**16
+    )
+    cutoff_len: int = doc(
+        "truncate each tokenised row to this many tokens (LLM-Adapters)", 256, ge=8, le=2**20
+    )
+    warmup_steps: int = doc(
+        "linear LR warm-up steps per phase (LLM-Adapters: 100)", 100, ge=0, le=10**9
+    )
     lr_schedule: Literal["linear", "cosine", "constant"] = doc(
         "decay after warm-up, to 0 at the end of each phase", "linear"
     )
-    max_grad_norm: float | None = doc("clip the gradient norm to this (None: no clipping)", 1.0)
+    max_grad_norm: float | None = doc(
+        "clip the gradient norm to this (None: no clipping)", 1.0, gt=0, le=1e6
+    )
     train_on_prompt: bool = doc("also train on prompt tokens, as LLM-Adapters' script does", False)
     template: str = doc("prompt template id (moebench.prompts)", "alpaca")
     group_by_length: bool = doc("group batches by length to cut padding", True)
-    checkpoint_every: int | None = doc("checkpoint every N steps (None: only at the end)", 50)
-    keep_checkpoints: int = doc("how many recent checkpoints to keep on disk", 2)
+    checkpoint_every: int | None = doc(
+        "checkpoint every N steps (None: only at the end)", 50, ge=1, le=10**9
+    )
+    keep_checkpoints: int = doc("how many recent checkpoints to keep on disk", 2, ge=1, le=1000)
     stats_every: int = doc(
         "record router statistics every N steps, and at the first and last step of each phase",
         10,
+        ge=1,
+        le=10**9,
     )
     precision: Literal["auto", "fp32", "bf16"] = doc(
         "auto: bf16 autocast on GPU, fp32 on CPU", "auto"
@@ -68,34 +85,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.epochs <= 0:
-            problems.append(f"epochs={self.epochs} must be > 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps={self.max_steps} must be >= 1")
-        if self.lr <= 0:
-            problems.append(f"lr={self.lr} must be > 0")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay={self.weight_decay} must be >= 0")
-        if self.micro_batch_size < 1 or self.batch_size < 1:
-            problems.append("batch_size and micro_batch_size must be >= 1")
-        elif self.batch_size % self.micro_batch_size:
+        if self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size:
             problems.append(
                 f"batch_size={self.batch_size} must be a multiple of "
                 f"micro_batch_size={self.micro_batch_size}"
             )
-        if self.cutoff_len < 8:
-            problems.append(f"cutoff_len={self.cutoff_len} must be >= 8")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps={self.warmup_steps} must be >= 0")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            problems.append(f"checkpoint_every={self.checkpoint_every} must be >= 1 or None")
-        if self.keep_checkpoints < 1:
-            problems.append(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        if self.stats_every < 1:
-            problems.append(f"stats_every={self.stats_every} must be >= 1")
         if self.template not in TEMPLATES:
             problems.append(f"template='{self.template}' is not one of {', '.join(TEMPLATES)}")
-        check(problems, "train")
+        check(problems, "train", self)
 
     @property
     def accumulation(self) -> int:

@@ -113,3 +113,13 @@ def test_bad_file_is_one_sentence_and_loses_nothing(tmp_path: Path, corrupt) -> 
     runs = store.list_runs(s)
     assert [x["id"] for x in runs] == [earlier]
     assert store.get_metrics(s, earlier)[0]["value"] == 0.5
+
+
+def test_deeply_nested_json_is_one_sentence_naming_the_file(tmp_path: Path) -> None:
+    from moebench.errors import DataError
+    from moebench.jsonfiles import read_json_array
+
+    path = tmp_path / "nested.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"nested\.json nests arrays or objects too deeply"):
+        read_json_array(path)

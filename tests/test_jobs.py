@@ -246,7 +246,7 @@ def test_a_resume_that_cannot_open_leaves_the_run_as_it_was(tmp_path: Path) -> N
     # a stored value this moebench no longer accepts: the spec cannot be opened
     broken = {**run["config"], "train": {**run["config"]["train"], "lr": -1.0}}
     db.update_run(store, run["id"], config=broken)
-    with pytest.raises(ConfigError, match=r"lr=-1\.0 must be > 0"):
+    with pytest.raises(ConfigError, match=r"lr=-1\.0 is out of range.*\(0, 1\]"):
         resume(run["id"], RunEnv(db=url))
     after = db.get_run(store, run["id"])
     assert (after["status"], after["status_reason"]) == ("interrupted", run["status_reason"])

@@ -81,7 +81,7 @@ def test_merge_gives_the_same_function_and_unmerge_restores_weights() -> None:
 def test_negative_rank_is_rejected_with_one_sentence() -> None:
     from moebench.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"rank=-2 must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"rank=-2 is out of range.*\[1, 65536\]"):
         get_method("lora").config_cls(rank=-2)
 
 

@@ -241,7 +241,7 @@ def test_budget_solver_hits_a_reachable_budget() -> None:
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"fraction": 0.0}, r"fraction=0.0 must be in \(0, 1\]"),
+        ({"fraction": 0.0}, r"fraction=0.0 is out of range; accepted: a number in \(0, 1\]"),
         ({"budget_experts": 5, "budget_params": 100}, "give at most one budget"),
         ({"allocation": ("model.layers.0.mlp.up_proj",)}, "is not of the form"),
         ({"allocation": ("x=-1",)}, "integer n >= 0"),

@@ -103,9 +103,9 @@ def test_config_defaults_and_validation() -> None:
         5e-5,
         1.0,
     )
-    with pytest.raises(ConfigError, match="num_experts=0 must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"num_experts=0 is out of range.*\[1, 1024\]"):
         LoRACoEConfig(num_experts=0)
-    with pytest.raises(ConfigError, match=r"warmup_fraction=1\.0 must be in"):
+    with pytest.raises(ConfigError, match=r"warmup_fraction=1\.0 is out of range.*\[0, 1\)"):
         LoRACoEConfig(warmup_fraction=1.0)
 
 
