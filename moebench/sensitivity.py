@@ -221,8 +221,8 @@ def _block_optimizer(params: list[tuple[str, nn.Parameter]]) -> Any:
         from badam import BlockOptimizer
     except ImportError:
         raise ConfigError(
-            "lora-smoe's protocol=authors needs the badam package: pip install 'moebench"
-            "[smoe-authors]' (or badam), or set protocol=clean."
+            "lora-smoe's protocol=authors needs the badam package (a moebench dependency): "
+            "pip install 'badam>=1.4,<2', or set protocol=clean."
         ) from None
     base = torch.optim.AdamW(
         [p for _, p in params], lr=AUTHORS_LR, weight_decay=AUTHORS_WEIGHT_DECAY
