@@ -293,6 +293,22 @@ class LoRASMoE(Method):
     budget_knobs: ClassVar[tuple[str, ...]] = ()
     budget_target_field: ClassVar[str | None] = "budget_params"
 
+    def upgrade(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Configs stored before the `protocol` field: `sensitivity_update_lr=None` was the
+        fp32, unclipped, no-update pass over 8 examples per task, which is `protocol=clean`.
+        A set rate was a mode that did not follow the authors' script; it has no equivalent."""
+        if "sensitivity_update_lr" not in values:
+            return values
+        rate = values.pop("sensitivity_update_lr")
+        if rate is not None:
+            raise ConfigError(
+                f"sensitivity_update_lr={rate} (a stored config of an earlier release) is no "
+                "longer a mode: it did not reproduce the authors' script; set protocol=authors "
+                "or protocol=clean instead"
+            )
+        values.setdefault("protocol", "clean")
+        return values
+
     def adapt_module(
         self, qualified_name: str, module: nn.Module, config: Any, context: BatchContext
     ) -> nn.Module | None:

@@ -232,6 +232,11 @@ class Method:
         hash they had before it existed."""
         return config
 
+    def upgrade(self, values: dict[str, Any]) -> dict[str, Any]:
+        """A method config as an earlier release stored it, in today's fields (default: as is).
+        Stored runs must keep resolving after a field is removed or renamed."""
+        return values
+
     def no_weight_decay(self, config: Any, param_name: str) -> bool:
         """Parameters excluded from weight decay (routers, typically)."""
         return False

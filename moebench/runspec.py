@@ -146,6 +146,10 @@ def resolve(
     if options and options.get("decontaminate"):
         layered["data"]["decontaminate"] = True
 
+    try:
+        layered["method_config"] = method.upgrade(dict(layered["method_config"]))
+    except ConfigError as e:
+        problems.append(str(e).rstrip("."))
     built: dict[str, Any] = {}
     for s, cls in classes.items():
         try:

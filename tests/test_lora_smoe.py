@@ -388,3 +388,18 @@ def test_budget_params_through_prepare_lands_within_five_percent(tmp_path: Path)
     assert budget["within_5pct"] and abs(budget["achieved"] - target) <= 0.05 * target
     shapes = ModelShapes.from_config(model.config)
     assert METHOD.trainable_parameters(prepared.config, shapes) == budget["achieved"]
+
+
+def test_a_config_stored_before_the_protocol_field_still_resolves_as_the_clean_pass():
+    """Runs stored by an earlier release carry `sensitivity_update_lr`; None was the fp32,
+    unclipped, update-free pass, i.e. protocol=clean. A set rate has no equivalent: refused."""
+    from moebench.runspec import resolve
+
+    old = {"method": "lora-smoe", "model": "tiny-llama", "method_config": {"rank": 4}}
+    old["method_config"]["sensitivity_update_lr"] = None
+    spec = resolve(base=old)
+    assert spec.method_config.protocol == "clean"
+    assert resolve(base={**old, "method_config": {"rank": 4}}).method_config.protocol == "authors"
+    old["method_config"]["sensitivity_update_lr"] = 1e-5
+    with pytest.raises(ConfigError, match=r"sensitivity_update_lr=1e-05 .*protocol=clean"):
+        resolve(base=old)
