@@ -269,7 +269,9 @@ def test_first_order_score_orders_ranks_as_exact_zeroing_does() -> None:
 def test_the_pass_reproduces_lora_smoe_sensitivity() -> None:
     model, tok = load_model("tiny-llama")
     examples, _ = synthetic_examples(len(tok), n=3)
-    want = measure(model, examples, samples=3, seed=0, pad_token_id=0, device="cpu", autocast=None)
+    want = measure(
+        model, examples, samples=3, seed=0, pad_token_id=0, device="cpu", protocol="clean"
+    )
     weights = decoder_weights(model)
     batches = [collate([e], 0) for e in examples]
     got, _ = gradient_pass(model, batches, weights, GRAD_SQUARED_NORM, device="cpu")

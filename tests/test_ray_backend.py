@@ -151,9 +151,14 @@ def test_ray_sweep_matches_the_local_runner_and_a_killed_ray_worker_costs_one_re
         g = got[h]
         assert g["metrics"] == w["metrics"] and g["predictions"] == w["predictions"]
         assert [s for s, _ in g["losses"]] == list(range(1, 13))
-        assert g["losses"] == w["losses"]  # bit for bit, the resumed job too
+        # Ray runs its tasks with OMP_NUM_THREADS=1 and the local pool with torch's default, so
+        # float reductions may differ in the last bits (CI saw it): equal to rounding, not bits.
+        assert g["losses"] == [(step, pytest.approx(loss, rel=1e-5)) for step, loss in w["losses"]]
         assert g["adapter"].keys() == w["adapter"].keys()
-        assert all(torch.equal(g["adapter"][k], w["adapter"][k]) for k in w["adapter"])
+        assert all(
+            torch.allclose(g["adapter"][k], w["adapter"][k], rtol=1e-4, atol=1e-6)
+            for k in w["adapter"]
+        )
     assert all(Path(r["output_dir"]).is_absolute() for r in q.list_jobs(s))
 
 
