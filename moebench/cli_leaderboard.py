@@ -7,7 +7,6 @@ functions the app calls, so an exported table and the page agree.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -86,7 +85,10 @@ def leaderboard(
     ]  # fmt: skip
     console.print(f"leaderboard on http://{address}:{port} reading {url} (read-only)")
     env = {**os.environ, "MOEBENCH_DB": url}
-    raise typer.Exit(subprocess.call(command, env=env))
+    # The server takes this process's place, so a signal to `moebench leaderboard` (Ctrl-C, a
+    # test's terminate) reaches the server itself instead of orphaning a child streamlit.
+    sys.stdout.flush()
+    os.execve(sys.executable, command, env)
 
 
 def _export(url: str, filters: object, path: Path) -> None:
