@@ -234,25 +234,19 @@ def _block_optimizer(params: list[tuple[str, nn.Parameter]]) -> Any:
         )
 
 
-def _measure_authors(
-    model: nn.Module,
-    examples: Sequence[Example],
-    samples: int,
-    seed: int,
-    pad_token_id: int,
-    eos_token_id: int | None,
-    device: torch.device,
-) -> dict[str, float]:
-    # BlockOptimizer runs gc.collect() at every switch (so every step here); freezing the objects
-    # that exist now keeps each collection to what the pass allocates (seconds -> milliseconds).
+@contextlib.contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """BlockOptimizer runs gc.collect() at every switch (so every step here); freezing the
+    objects that exist now keeps each collection to what the pass allocates (seconds -> ms)."""
     gc.freeze()
     try:
-        return _authors_steps(model, examples, samples, seed, pad_token_id, eos_token_id, device)
+        yield
     finally:
         gc.unfreeze()
 
 
-def _authors_steps(
+@_gc_frozen()
+def _measure_authors(
     model: nn.Module,
     examples: Sequence[Example],
     samples: int,
