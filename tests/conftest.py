@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,13 @@ def poisoned_model(folder: Path) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def as_from_a_terminal() -> None:
+    """`preexec_fn` for a child that must see Ctrl-C as a terminal's foreground job does.
+
+    A suite started in the background (`cmd &`, `nohup`) inherits an ignored SIGINT, and Python
+    then installs no KeyboardInterrupt handler in the child at all: a test that sends SIGINT
+    would watch the child (and its workers) shrug it off and finish with exit 0.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

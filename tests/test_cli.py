@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moebench import store
-from tests.conftest import shared_data_or_skip
+from tests.conftest import as_from_a_terminal, shared_data_or_skip
 
 TINY = [
     "--model",
@@ -159,10 +159,6 @@ def _wait_for_checkpoint(db_file: Path, step: int) -> None:
     assert seen >= step, "training never reached a checkpoint"
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path) -> None:
     db_file = tmp_path / "i.db"
     db = f"sqlite:///{db_file}"
@@ -187,9 +183,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # As from a terminal: a suite started in the background (`cmd &`) inherits an ignored
-        # SIGINT, and Python then installs no Ctrl-C handler in the child at all.
-        preexec_fn=_default_sigint,
+        preexec_fn=as_from_a_terminal,
     )
     _wait_for_checkpoint(db_file, 4)
     proc.send_signal(signal.SIGINT)

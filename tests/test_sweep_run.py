@@ -20,6 +20,7 @@ from moebench.cli import app
 from moebench.runner import RunEnv, execute
 from moebench.store import jobs as q
 from moebench.sweep import load_sweep
+from tests.conftest import as_from_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "examples" / "sweeps" / "smoke.yaml"
@@ -140,6 +141,7 @@ def test_ctrl_c_on_a_sweep_marks_its_jobs_interrupted_and_the_rerun_resumes_them
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job is
+        preexec_fn=as_from_a_terminal,  # and SIGINT not ignored, whoever started the suite
     )
     s = db.open_store(url)
     deadline = time.monotonic() + 600
