@@ -20,6 +20,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+POSTGRES_ENV = "MOEBENCH_TEST_POSTGRES_URL"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n 2`), each worker gets a scratch PostgreSQL database of its own.
+
+    The store tests wipe their database before use; two workers wiping and filling one database
+    at once would see each other's rows. The worker's database is the given one's name plus the
+    worker id (`moebench_test_gw0`), created on first use; subprocesses inherit the variable.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    url = os.environ.get(POSTGRES_ENV)
+    if worker and url:
+        os.environ[POSTGRES_ENV] = _worker_database(url, worker)
+
+
+def _worker_database(url: str, worker: str) -> str:
+    from sqlalchemy import create_engine, make_url, text
+
+    base = make_url(url)
+    name = f"{base.database}_{worker}"
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})
+            if found.first() is None:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
 METHOD_NAMES = METHODS.names()
 TINY_MODELS = ["tiny-llama", "tiny-qwen2"]
 

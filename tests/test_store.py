@@ -45,8 +45,7 @@ from moebench.store import (
     update_run,
 )
 from moebench.store.tables import UTC, Base
-
-POSTGRES_ENV = "MOEBENCH_TEST_POSTGRES_URL"
+from tests.conftest import POSTGRES_ENV
 
 CONFIG: dict[str, Any] = {
     "method": {"name": "mixlora", "experts": 8, "top_k": 2, "router_aux": 0.01},
