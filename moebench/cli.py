@@ -169,6 +169,10 @@ def run(
     """Train a method on a suite and score it; `moebench run` alone runs the embedded default."""
     if method is not None and resume is None:
         _check_method_name(method)
+    if model is not None and resume is None:
+        from moebench.models import check_model_available
+
+        check_model_available(model)
     from moebench import runner
     from moebench.runspec import resolve
 
