@@ -149,9 +149,12 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = {} if Path(ref).is_dir() else _hub_options(name, ref)
+    # The auto class does not pass local_files_only on to its PEFT-adapter lookup, which would
+    # otherwise wait on the hub's retries (transformers 5.25).
+    weights = {**local, "adapter_kwargs": dict(local)} if local else {}
     try:
         tok = AutoTokenizer.from_pretrained(ref, **local)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **local)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **weights)
     except (OSError, ValueError) as e:
         if Path(ref).is_dir():
             raise ModelError(f"Cannot load the model folder '{ref}': {e}".rstrip(".") + ".") from e
