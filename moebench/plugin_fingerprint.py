@@ -27,12 +27,12 @@ OWN_PACKAGES = ("moebench", METHOD_PACKAGE, "moebench.tasks")
 
 
 def source_stats(folders: Iterable[Path]) -> list[list[Any]]:
-    """[path, size, mtime_ns] of every .py file under `folders`, in a stable order."""
+    """[path, size, mtime_ns] of every .py file under `folders` (each once: an installed
+    moebench holds its method package), in a stable order."""
     out = []
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("*.py")):
-            st = path.stat()
-            out.append([str(path), st.st_size, st.st_mtime_ns])
+    for path in sorted({p for folder in folders for p in Path(folder).rglob("*.py")}):
+        st = path.stat()
+        out.append([str(path), st.st_size, st.st_mtime_ns])
     return out
 
 
