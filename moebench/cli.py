@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -17,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moebench.config import accepted_values, field_help, load_file, parse_sets
+from moebench.config import load_file, parse_sets
 from moebench.errors import ConfigError, MoebenchError
 
 app = typer.Typer(
@@ -169,6 +168,10 @@ def run(
     """Train a method on a suite and score it; `moebench run` alone runs the embedded default."""
     if method is not None and resume is None:
         _check_method_name(method)
+    if model is not None and resume is None:
+        from moebench.models import check_model_available
+
+        check_model_available(model)
     from moebench import runner
     from moebench.runspec import resolve
 
@@ -367,31 +370,15 @@ def _print_metrics(db: str | None, run_id: int) -> None:
 @app.command()
 def methods() -> None:
     """List registered methods with their config fields, defaults and help, then the loop's."""
-    from moebench.evaluate import EvalConfig
-    from moebench.method import METHODS
-    from moebench.train import TrainConfig
+    from moebench.method_listing import COLUMNS, method_tables
 
-    for name, m in METHODS:
-        _fields_table(f"{name}: {m.help}", m.config_cls)
-    _fields_table(
-        "train.* (the loop; --set train.KEY=VALUE; a suite may set its own defaults, "
-        "see `moebench tasks`)",
-        TrainConfig,
-    )
-    _fields_table("eval.* (scoring; --set eval.KEY=VALUE)", EvalConfig)
-
-
-def _fields_table(title: str, cls: type) -> None:
-    table = Table(title=title, title_justify="left")
-    for col in ("field", "default", "accepted", "help"):
-        table.add_column(col)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if isinstance(default, tuple):
-            default = ",".join(map(str, default))
-        accepted = escape(accepted_values(cls, f.name))
-        table.add_row(f.name, escape(str(default)), accepted, field_help(cls, f.name))
-    console.print(table)
+    for t in method_tables():
+        table = Table(title=t.title, title_justify="left")
+        for col in COLUMNS:
+            table.add_column(col)
+        for name, default, accepted, help_text in t.rows:
+            table.add_row(name, escape(default), escape(accepted), help_text)
+        console.print(table)
 
 
 @app.command()

@@ -16,24 +16,25 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
-
+from moebench import hub
 from moebench.errors import ModelError
 from moebench.paths import cache_dir
+
+# torch and transformers load inside the functions that use them: `moebench models` and the
+# name checks of `moebench run` list and refuse names without paying seconds of imports.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import (
+        LlamaConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,40 @@ def check_model_name(name: str) -> None:
         )
 
 
+def check_model_available(name: str) -> None:
+    """Refuse, before torch loads, a hub model that can be neither downloaded nor read from the
+    local cache (`moebench run` on an offline machine)."""
+    check_model_name(name)
+    spec = ALIASES.get(name)
+    if spec is not None and spec.source == "hub":
+        _hub_options(name, spec.ref)
+    elif spec is None and not Path(name).expanduser().is_dir():
+        _hub_options(name, name)
+
+
+def _hub_options(name: str, ref: str) -> dict[str, Any]:
+    """from_pretrained keywords for hub id `ref`: none while the hub answers; `local_files_only`
+    when it does not but the model is cached (no minute of retries first); a ModelError in one
+    sentence when it is neither reachable nor cached."""
+    reason = hub.offline_reason()
+    if reason is None:
+        return {}
+    if hub.is_cached(ref):
+        return {"local_files_only": True}
+    shown = f"'{name}'" + (f" ({ref})" if ref != name else "")
+    raise ModelError(
+        f"Model {shown} is not in the local model cache ({hub.cache_location()}) and the model "
+        f"hub is offline ({reason}); offline alternatives: {OFFLINE_ALTERNATIVES}."
+    )
+
+
 def load_model(
-    name: str, *, dtype: torch.dtype = torch.float32
+    name: str, *, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model, tokenizer) for an alias, a local folder or a hub id."""
+    """Return (model, tokenizer) for an alias, a local folder or a hub id (fp32 by default)."""
+    import torch
+
+    dtype = dtype or torch.float32
     check_model_name(name)
     spec = ALIASES.get(name)
     if spec is not None and spec.source == "tiny":
@@ -115,9 +146,15 @@ def load_model(
 def _from_pretrained(
     ref: str, name: str, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = {} if Path(ref).is_dir() else _hub_options(name, ref)
+    # The auto class does not pass local_files_only on to its PEFT-adapter lookup, which would
+    # otherwise wait on the hub's retries (transformers 5.25).
+    weights = {**local, "adapter_kwargs": dict(local)} if local else {}
     try:
-        tok = AutoTokenizer.from_pretrained(ref)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(ref, **local)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **weights)
     except (OSError, ValueError) as e:
         if Path(ref).is_dir():
             raise ModelError(f"Cannot load the model folder '{ref}': {e}".rstrip(".") + ".") from e
@@ -129,6 +166,9 @@ def _from_pretrained(
 
 
 def _smollm2(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     target = cache_dir() / "models" / spec.alias
     if not (target / "model.safetensors").is_file():
         found = importlib.util.find_spec(spec.ref)
@@ -164,6 +204,7 @@ def _smollm2(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
 def _tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the packaged mini suite, cached by the corpus' hash."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     from moebench.suites import mini_corpus
 
@@ -191,6 +232,8 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(arch: str, vocab_size: int) -> LlamaConfig | Qwen2Config:
+    from transformers import LlamaConfig, Qwen2Config
+
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -208,6 +251,9 @@ def tiny_config(arch: str, vocab_size: int) -> LlamaConfig | Qwen2Config:
 
 
 def _tiny(arch: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     tok = _tiny_tokenizer()
     cfg = tiny_config(arch, vocab_size=len(tok))
     cfg.eos_token_id = tok.eos_token_id
@@ -302,6 +348,8 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 
 def model_config(name: str) -> PretrainedConfig:
     """A model's architecture config without its weights (for budgets and benchmarks)."""
+    from transformers import AutoConfig, LlamaConfig, Qwen2Config
+
     check_model_name(name)
     spec = ALIASES.get(name)
     if spec is not None and spec.source == "tiny":
@@ -310,8 +358,9 @@ def model_config(name: str) -> PretrainedConfig:
     if folder.is_dir():
         return AutoConfig.from_pretrained(folder)
     if name not in KNOWN_CONFIGS:
+        local = _hub_options(name, name)
         try:
-            return AutoConfig.from_pretrained(name)
+            return AutoConfig.from_pretrained(name, **local)
         except (OSError, ValueError) as e:
             raise ModelError(
                 f"Cannot read the config of model '{name}': the hub is unreachable and it is "
@@ -325,6 +374,9 @@ def model_config(name: str) -> PretrainedConfig:
 
 def total_parameters(config: PretrainedConfig) -> int:
     """Parameter count of a model built from `config`, without allocating its weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return count_parameters(model)[1]

@@ -43,6 +43,9 @@ class Registry(Generic[T]):
         self._group = group
         self._items: dict[str, T] = {}
         self._loaded = False
+        # Plugins skipped while loading (broken, or a name taken), one sentence each: a listing
+        # that skipped one is not cached (moebench.method_listing), so the warning shows each time.
+        self.problems: list[str] = []
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator form: `@METHODS.register("lora")`."""
@@ -78,6 +81,7 @@ class Registry(Generic[T]):
             return
         for ep in entry_points(group=self._group):
             if ep.name in self._items:
+                self.problems.append(f"{ep.name} from {ep.value}: the name is already registered")
                 log.warning(
                     "%s plugin '%s' from %s is ignored: that name is already registered",
                     self.kind,
@@ -88,6 +92,7 @@ class Registry(Generic[T]):
             try:
                 obj = ep.load()
             except Exception:  # a broken plugin must not hide the working ones
+                self.problems.append(f"{ep.name} from {ep.value}: it could not be loaded")
                 log.exception("could not load %s plugin '%s' from %s", self.kind, ep.name, ep.value)
                 continue
             if ep.name not in self._items and not isinstance(obj, types.ModuleType):

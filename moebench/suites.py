@@ -16,16 +16,19 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moebench import upstream as upstream_files
-from moebench.data import Row
 from moebench.errors import ConfigError, DataError, MoebenchError, unknown
 from moebench.jsonfiles import read_json_array
 from moebench.paths import cache_dir
 from moebench.prompts import build_prompt
-from moebench.sources import export_hub_dataset, read_rows
 from moebench.task import Item, Task, get_task, question_key
+
+# moebench.data (and the row readers built on it) load torch and transformers: they are
+# imported where rows are read, so `moebench tasks` lists suites without them.
+if TYPE_CHECKING:
+    from moebench.data import Row
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,9 @@ class ResolvedSuite:
         files' rows, then the train side of held-out test files); for each row the suite file it
         came from ("held-out" for a split); and per held-out set, rows left out of training
         because their output does not score correct against the gold."""
+        from moebench.data import Row
+        from moebench.sources import read_rows
+
         rows: list[Row] = []
         origin: list[str] = []
         for path, f in self.train_files:
@@ -353,6 +359,8 @@ def _locate(
                 raise
             reason = f"the download from {upstream_files.base_url()} failed ({e})"
     elif hub is not None:
+        from moebench.sources import export_hub_dataset
+
         try:
             log.info("exporting hub dataset %s", hub[0])
             export_hub_dataset(*hub, dest=download)
