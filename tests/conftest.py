@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,20 @@ TINY_MODELS = ["tiny-llama", "tiny-qwen2"]
 def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     if "MOEBENCH_CACHE" not in os.environ:
         os.environ["MOEBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_settings_stay_in_their_test() -> Iterator[None]:
+    """A quiet CLI command sets these for the processes it starts (`cli._quiet_libraries`); one
+    run in-process must not carry them into the next test's subprocesses."""
+    names = ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture
