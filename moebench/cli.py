@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,9 +15,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from moebench.cli_progress import ProgressObserver, progress_bars
 from moebench.config import load_file, parse_sets
 from moebench.errors import ConfigError, MoebenchError
 
@@ -42,56 +44,6 @@ DbOpt = Annotated[
         help="SQLAlchemy URL or SQLite path [env MOEBENCH_DB; default sqlite:///results/moebench.db].",
     ),
 ]
-
-
-class ProgressObserver:
-    """Rich progress bars for training (loss, lr, tokens/s) and for each eval set."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.train_bar: Any = None
-        self.eval_bar: Any = None
-
-    def started(self, run_id: int, info: dict[str, Any]) -> None:
-        pct = 100 * info["trainable"] / max(info["total"], 1)
-        resumed = f", resuming from {info['resume_from']}" if info["resume_from"] else ""
-        self.progress.console.print(
-            f"[bold]run {run_id}[/]: {info['model']} on {info['device']}, "
-            f"{info['trainable']:,} trainable / {info['total']:,} parameters ({pct:.3f}%), "
-            f"{info['rows']} training rows{resumed}\n  output: {info['output_dir']}"
-        )
-        if info.get("mixture"):
-            drawn = ", ".join(f"{t} {n:,}" for t, n in info["mixture"]["drawn"].items())
-            self.progress.console.print(f"  training mixture: {drawn}")
-        if info.get("overlap"):
-            self.progress.console.print(overlap_lines(info["overlap"]))
-
-    def step(self, s: Any) -> None:
-        if self.train_bar is None:
-            self.train_bar = self.progress.add_task("train", total=s.total_steps)
-        aux = "".join(f" {k} {v:.4f}" for k, v in s.aux.items())
-        line = f"train [{s.phase}] loss {s.loss:.4f}{aux} lr {s.lr:.2e} {s.tokens_per_s:,.0f} tok/s"
-        self.progress.update(self.train_bar, completed=s.step, description=line)
-        if not self.progress.console.is_terminal and (s.step % 10 == 0 or s.step == s.total_steps):
-            # A log file gets no live bar: leave a line every 10 steps instead.
-            self.progress.console.print(f"step {s.step}/{s.total_steps} {line}")
-
-    def eval_started(self, task: str, n: int) -> None:
-        self.eval_bar = self.progress.add_task(f"eval {task}", total=n)
-
-    def eval_progress(self, n: int) -> None:
-        self.progress.advance(self.eval_bar, n)
-
-    def task_done(self, result: Any) -> None:
-        from moebench.task import get_task
-
-        head = get_task(result.task).headline_metric
-        acc = next(m for m in result.metrics if m["metric"] == head)
-        spread = f" ± {100 * acc['stderr']:.1f}" if acc["stderr"] is not None else ""
-        self.progress.update(
-            self.eval_bar,
-            description=f"eval {result.task}: {100 * acc['value']:.1f}%{spread} (n={acc['n']})",
-        )
 
 
 @app.command()
@@ -177,7 +129,7 @@ def run(
 
     _setup_logging(verbose)
     env = runner.RunEnv(db=db, data_dir=data_dir, output_dir=output_dir)
-    with _progress() as progress:
+    with progress_bars(console) as progress:
         observer = ProgressObserver(progress)
         try:
             given = [
@@ -283,49 +235,14 @@ def _refuse_ignored_data_dir(suite_name: str, data_dir: str | None) -> None:
         )
 
 
-def overlap_lines(overlap: dict[str, Any]) -> str:
-    """The train/eval overlap report as a few lines: every set with overlap, or one 'none'."""
-    sets = overlap.get("before_dropping") or overlap["sets"]
-    hit = {k: v for k, v in sets.items() if v["either"]}
-    if not hit:
-        return f"  train/eval overlap ({overlap['ngram']}-grams, questions): none"
-    if overlap.get("dropped"):
-        head = (
-            f"  train/eval overlap: {overlap['dropped']:,} training rows overlapped an eval item "
-            "and were dropped (--decontaminate); before dropping:"
-        )
-    else:
-        head = (
-            f"  [yellow]train/eval overlap[/]: {overlap['flagged_training_rows']:,} training rows "
-            "overlap an eval item, kept (--decontaminate drops them)"
-        )
-    rows = [
-        f"    {k}: {v['either']:,} of {v['n']:,} eval items (question match "
-        f"{v['question_matches']:,}, {overlap['ngram']}-gram {v['ngram_matches']:,})"
-        for k, v in hit.items()
-    ]
-    return "\n".join([head, *rows])
-
-
 def _stored_config(db: str | None, run_id: int) -> dict[str, Any]:
     from moebench import store
 
     return dict(store.get_run(store.open_existing_store(db), run_id)["config"])
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 def _setup_logging(verbose: bool) -> None:
+    """moebench's INFO lines, and libraries' own warnings, only with --verbose."""
     from rich.logging import RichHandler
 
     logging.basicConfig(
@@ -334,6 +251,25 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=err, show_path=False)],
         force=True,
     )
+    if not verbose:
+        _quiet_libraries()
+
+
+# Deprecation notices from torch and transformers are about calls inside moebench: a user can
+# do nothing about them, and every run printed one. Set in the environment too, so the workers
+# and ranks a command starts are as quiet; a user's own PYTHONWARNINGS or TRANSFORMERS_VERBOSITY
+# is left alone.
+_LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _quiet_libraries() -> None:
+    if "PYTHONWARNINGS" not in os.environ and not sys.warnoptions:
+        for category in _LIBRARY_NOISE:
+            warnings.filterwarnings("ignore", category=category)
+        os.environ["PYTHONWARNINGS"] = ",".join(f"ignore::{c.__name__}" for c in _LIBRARY_NOISE)
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is imported
+        logging.getLogger("transformers").setLevel(logging.ERROR)  # if it already was
 
 
 def _print_metrics(db: str | None, run_id: int) -> None:

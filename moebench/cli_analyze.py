@@ -17,7 +17,10 @@ from rich.table import Table
 from moebench.cli import DbOpt, _setup_logging, app, console, err
 from moebench.errors import ConfigError
 
-analyze_app = typer.Typer(help="Analyses of stored runs: importance, LoRA-SMoE allocation.")
+analyze_app = typer.Typer(
+    help="Analyses of stored runs: importance, LoRA-SMoE allocation.",
+    rich_markup_mode=None,  # as every group: plain help keeps "[default: ...]"
+)
 app.add_typer(analyze_app, name="analyze")
 
 TasksOpt = Annotated[

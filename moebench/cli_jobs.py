@@ -6,6 +6,8 @@ worker pool in moebench.worker. Registered on the main app by moebench.cli.
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,12 +18,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from moebench.cli import DbOpt, _setup_logging, app, console, err
+from moebench.cli_progress import Throttle, plain_every_s
 from moebench.config import parse_sets
 from moebench.errors import ConfigError
 
 jobs_app = typer.Typer(
     help="The job queue: list, show (with log tail), cancel and retry jobs.",
     invoke_without_command=True,
+    rich_markup_mode=None,  # as every group: plain help keeps "[default: ...]"
 )
 app.add_typer(jobs_app, name="jobs")
 
@@ -73,6 +77,7 @@ def sweep(
 ) -> None:
     """Expand a sweep file into jobs, queue the missing ones, and work the queue until empty."""
     _setup_logging(verbose)
+    plain_every_s()  # a bad MOEBENCH_PROGRESS_EVERY fails before anything is queued
     _check_backend(backend, address)
     # First of all, before this process imports torch (reading the file does): see start_early.
     local = backend == "local" and not (dry_run or queue_only)
@@ -245,6 +250,7 @@ def _queue(
 
 def _work(db: str | None, sweep_name: str | None, slots: list[Any]) -> None:
     from moebench.liveness import signals_interrupt
+    from moebench.store import jobs as q
     from moebench.worker import work_queue
 
     s = open_existing(db)
@@ -252,26 +258,51 @@ def _work(db: str | None, sweep_name: str | None, slots: list[Any]) -> None:
         f"working the queue with {len(slots)} worker(s): {', '.join(x.name for x in slots)}"
     )
 
-    def refresh() -> Table:
-        return jobs_table(s, sweep_name)
+    # A terminal gets the live table; a pipe or a log file gets a plain line every few seconds
+    # (rich would draw the table only once, at the end).
+    live = Live(jobs_table(s, sweep_name), console=console, refresh_per_second=2)
+    plain = None if console.is_terminal else Throttle(plain_every_s())
+
+    def tick() -> None:
+        if plain is None:
+            live.update(jobs_table(s, sweep_name))
+        elif plain.due():
+            line = queue_line(q.list_jobs(s, sweep=sweep_name))
+            console.print(f"{line}, elapsed {plain.elapsed()}", markup=False, highlight=False)
 
     # SIGTERM (a scheduler, `kill`) ends the pool as Ctrl-C does: its jobs are marked
     # interrupted with their checkpoints, instead of dying with it.
-    with signals_interrupt(), Live(refresh(), console=console, refresh_per_second=2) as live:
+    with signals_interrupt(), live if plain is None else contextlib.nullcontext():
         try:
-            work_queue(
-                db,
-                sweep=sweep_name,
-                slots=slots,
-                on_tick=lambda: live.update(jobs_table(s, sweep_name)),
-            )
+            work_queue(db, sweep=sweep_name, slots=slots, on_tick=tick)
         except KeyboardInterrupt:
-            live.update(jobs_table(s, sweep_name))
             err.print(
                 "Interrupted: running jobs are marked interrupted with their last checkpoint; "
                 "run the same command again to resume them."
             )
             raise typer.Exit(130) from None
+        finally:
+            if plain is None:
+                live.update(jobs_table(s, sweep_name))
+    if plain is not None:
+        console.print(jobs_table(s, sweep_name))
+
+
+def queue_line(rows: list[dict[str, Any]]) -> str:
+    """The queue in one line: jobs per status, and where each running job is."""
+    parts = []
+    for status, n in Counter(r["status"] for r in rows).items():
+        running = [_where(r) for r in rows if r["status"] == status == "running"]
+        parts.append(f"{n} {status}" + (f" ({'; '.join(running)})" if running else ""))
+    return f"jobs: {', '.join(parts) or 'none'}"
+
+
+def _where(row: dict[str, Any]) -> str:
+    """A running job's place: 'job 3 step 40/100 loss 1.2345', 'job 4 eval boolq 3/16'."""
+    cell = _progress_cell(row) or "starting"
+    loss = (row.get("progress") or {}).get("loss")
+    step = "step " if cell[:1].isdigit() else ""
+    return f"job {row['id']} {step}{cell}" + (f" loss {loss:.4f}" if loss is not None else "")
 
 
 def _print_outcome(db: str | None, plan: Any) -> None:

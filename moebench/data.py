@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from moebench.errors import DataError
-from moebench.jsonfiles import read_json_array
+from moebench.jsonfiles import iter_json_array
 from moebench.prompts import build_prompt
 
 IGNORE_INDEX = -100
@@ -39,22 +39,38 @@ class Example:
     task_label: int  # per-sample task type (LoRAMoE's knowledge flag); -1 when unknown
 
 
-def load_training_rows(path: Path) -> list[Row]:
-    rows = read_json_array(path)
+def load_training_rows(path: Path, task: str | None = None) -> list[Row]:
+    """The file's rows, validated as they are read (`task` labels rows that carry none)."""
     out = []
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise DataError(f"Data file '{path}' row {i} is not an object.")
-        for key in REQUIRED_FIELDS:
-            if not isinstance(r.get(key), str):
-                raise DataError(
-                    f"Data file '{path}' row {i} has no string field '{key}' "
-                    "(LLM-Adapters rows need instruction, input, output, answer)."
-                )
-        if not isinstance(r.get("task"), str | None):
-            raise DataError(f"Data file '{path}' row {i} has a non-string 'task' ({r['task']!r}).")
-        out.append(Row(r["instruction"], str(r.get("input") or ""), r["output"], r.get("task")))
+    for i, r in enumerate(iter_json_array(path)):
+        if not _is_row(r):
+            raise DataError(_bad_row(path, i, r))
+        label = (r.get("task") or task) if task else r.get("task")
+        out.append(Row(r["instruction"], str(r.get("input") or ""), r["output"], label))
     return out
+
+
+def _is_row(r: object) -> bool:
+    """One expression, as the loop over a million rows runs it a million times."""
+    return (
+        isinstance(r, dict)
+        and isinstance(r.get("instruction"), str)
+        and isinstance(r.get("output"), str)
+        and isinstance(r.get("task"), str | None)
+    )
+
+
+def _bad_row(path: Path, i: int, r: object) -> str:
+    """What is wrong with a row `_is_row` refused."""
+    if not isinstance(r, dict):
+        return f"Data file '{path}' row {i} is not an object."
+    for key in REQUIRED_FIELDS:
+        if not isinstance(r.get(key), str):
+            return (
+                f"Data file '{path}' row {i} has no string field '{key}' "
+                "(LLM-Adapters rows need instruction, input, output, answer)."
+            )
+    return f"Data file '{path}' row {i} has a non-string 'task' ({r['task']!r})."
 
 
 def tokenize_row(

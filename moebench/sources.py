@@ -16,13 +16,13 @@ from typing import Any
 
 from moebench.data import Row, load_training_rows
 from moebench.errors import DataError
-from moebench.jsonfiles import json_type, read_json_array
+from moebench.jsonfiles import iter_json_array, json_type
 
 
 def _mawps_rows(path: Path, task: str | None) -> list[Row]:
     """MAWPS' equation-annotated problems as math rows (the answer as the whole response)."""
     out = []
-    for i, r in enumerate(read_json_array(path)):
+    for i, r in enumerate(iter_json_array(path)):
         where = f"Row {i} of {path}"
         if not isinstance(r, dict):
             raise DataError(f"{where} is a JSON {json_type(r)}, expected an object.")
@@ -41,10 +41,7 @@ def _mawps_rows(path: Path, task: str | None) -> list[Row]:
 
 
 def _llm_adapters_rows(path: Path, task: str | None) -> list[Row]:
-    rows = load_training_rows(path)
-    if task is None:
-        return rows
-    return [Row(r.instruction, r.input, r.output, r.task or task) for r in rows]
+    return load_training_rows(path, task)
 
 
 def _hub_rows(dataset: str, question: str, answer: str) -> Callable[[Path, str | None], list[Row]]:
@@ -54,7 +51,7 @@ def _hub_rows(dataset: str, question: str, answer: str) -> Callable[[Path, str |
 
     def read(path: Path, task: str | None) -> list[Row]:
         out = []
-        for i, r in enumerate(read_json_array(path)):
+        for i, r in enumerate(iter_json_array(path)):
             if not isinstance(r, dict) or not isinstance(r.get(question), str):
                 raise DataError(f"Row {i} of {path} ({dataset}) has no string '{question}'.")
             if not isinstance(r.get(answer), str):

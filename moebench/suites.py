@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from moebench import upstream as upstream_files
 from moebench.errors import ConfigError, DataError, MoebenchError, unknown
-from moebench.jsonfiles import read_json_array
+from moebench.jsonfiles import iter_json_array, iter_json_lines, read_json_array
 from moebench.paths import cache_dir
 from moebench.prompts import build_prompt
 from moebench.task import Item, Task, get_task, question_key
@@ -420,10 +420,9 @@ def row_counts(task: Task, root: Path | None) -> int | None:
     if path is None or not path.is_file():
         return None
     try:
-        if path.suffix == ".jsonl":
-            return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-        return len(read_json_array(path))
-    except (MoebenchError, OSError, UnicodeDecodeError):
+        rows = iter_json_lines(path) if path.suffix == ".jsonl" else iter_json_array(path)
+        return sum(1 for _ in rows)
+    except (MoebenchError, OSError):
         return None
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moebench.errors import ConfigError, DataError
-from moebench.jsonfiles import json_type, read_json_array
+from moebench.jsonfiles import iter_json_array, json_type
 from moebench.prompts import RESPONSE_MARKER
 from moebench.registry import Registry
 from moebench.stats import binomial_stderr
@@ -194,8 +194,7 @@ class Task:
         if limit is not None and limit < 1:
             raise ConfigError(f"limit={limit} for task '{self.name}' must be a positive row count.")
         path = Path(path)
-        rows = read_json_array(path)
-        items = [self._item(path, i, row) for i, row in enumerate(rows)]
+        items = [self._item(path, i, row) for i, row in enumerate(iter_json_array(path))]
         return items if limit is None else items[:limit]
 
     def _item(self, path: Path, index: int, row: Any) -> Item:

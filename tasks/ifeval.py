@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from moebench.errors import ConfigError, DataError, did_you_mean
-from moebench.jsonfiles import json_type
+from moebench.jsonfiles import iter_json_lines, json_type, loads_row
 from moebench.prompts import RESPONSE_MARKER
 from moebench.task import TASKS, Item, MetricValue, Score, Task
 
@@ -175,28 +174,16 @@ class IFEvalTask(Task):
         if limit is not None and limit < 1:
             raise ConfigError(f"limit={limit} for task '{self.name}' must be a positive row count.")
         path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise DataError(f"Data file {path} does not exist.") from None
-        except (IsADirectoryError, UnicodeDecodeError):
-            raise DataError(f"Data file {path} is not a UTF-8 JSON-lines file.") from None
         items = []
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                where = f"Row {len(items)} (line {number}) of {path}"
-                items.append(self._ifeval_item(where, len(items), line))
+        for number, line in iter_json_lines(path):
+            where = f"Row {len(items)} (line {number}) of {path}"
+            items.append(self._ifeval_item(where, len(items), line))
         if not items:
             raise DataError(f"Data file {path} holds no rows; IFEval needs one JSON object a line.")
         return items if limit is None else items[:limit]
 
     def _ifeval_item(self, where: str, index: int, line: str) -> Item:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{where} is not valid JSON ({e.msg} at column {e.colno}); is it truncated?"
-            ) from None
+        row = loads_row(line, where)
         if not isinstance(row, dict):
             raise DataError(f"{where} is a JSON {json_type(row)}, expected an object.")
         for key, kind in (

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,20 @@ TINY_MODELS = ["tiny-llama", "tiny-qwen2"]
 def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     if "MOEBENCH_CACHE" not in os.environ:
         os.environ["MOEBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_settings_stay_in_their_test() -> Iterator[None]:
+    """A quiet CLI command sets these for the processes it starts (`cli._quiet_libraries`); one
+    run in-process must not carry them into the next test's subprocesses."""
+    names = ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture
@@ -144,3 +161,38 @@ def as_from_a_terminal() -> None:
     would watch the child (and its workers) shrug it off and finish with exit 0.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_watched(
+    cmd: list[str], *, cwd: Path, limit_mb: float, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run `cmd` as a child, killed if its memory passes `limit_mb`; (its result, peak MiB).
+
+    The peak is the child's own `ru_maxrss` as `wait4` reports it, so a spike between two polls
+    still counts; the polling (VmHWM, Linux) only keeps a runaway child from taking the machine
+    down, as one 50 MB data line once did (23 GB).
+    """
+    out, err = cwd / "child.stdout", cwd / "child.stderr"
+    env = {**os.environ, "COLUMNS": "200"}
+    with out.open("w") as o, err.open("w") as e:
+        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=o, stderr=e)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        if _high_water_mb(child.pid) > limit_mb or time.monotonic() > deadline:
+            child.kill()
+        time.sleep(0.05)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    result = subprocess.CompletedProcess(cmd, child.returncode, out.read_text(), err.read_text())
+    return result, usage.ru_maxrss / 1024  # kB on Linux
+
+
+def _high_water_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    kb = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")), 0)
+    return int(kb) / 1024

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -12,8 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import typer.main
+from typer.testing import CliRunner
 
 from moebench import store
+from moebench.cli import app
 from tests.conftest import as_from_a_terminal, shared_data_or_skip
 
 TINY = [
@@ -48,6 +53,8 @@ def test_run_end_to_end_stores_a_reproducible_done_run(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'r.db'}"
     r = moebench("run", *TINY, "--db", db, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    # quiet by default: no library deprecation notices (-v shows them, see the piped-run test)
+    assert "Warning" not in r.stderr and "deprecated" not in r.stderr, r.stderr
     s = store.open_store(db)
     (run,) = store.list_runs(s)
     assert run["status"] == "done"
@@ -70,6 +77,53 @@ def test_run_end_to_end_stores_a_reproducible_done_run(tmp_path: Path) -> None:
     assert [p["output"] for p in store.get_predictions(s, second["id"])] == [
         p["output"] for p in store.get_predictions(s, run["id"])
     ]
+
+
+_STEP_LINE = re.compile(
+    r"step (\d+)/12 \[train\] loss \d+\.\d{4} lr \S+ [\d,]+ tok/s, elapsed (\d+):(\d\d):(\d\d)"
+)
+
+
+def test_a_piped_run_prints_a_plain_line_every_few_seconds_and_v_shows_library_warnings(
+    tmp_path: Path,
+) -> None:
+    """Under nohup or `| tee` progress must reach the file while the run goes: plain lines
+    (step/total, loss, elapsed) at most every MOEBENCH_PROGRESS_EVERY seconds, no bars. The run
+    has -v, which shows what a run keeps quiet by default: the libraries' deprecation notices."""
+    every = 2  # seconds
+    env = {**os.environ, "COLUMNS": "200", "MOEBENCH_PROGRESS_EVERY": str(every)}
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    args = ["--model", "tiny-llama", "--max-steps", "12", "--limit", "1", "--db", db, "-v"]
+    with (tmp_path / "stderr").open("w") as errors:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "moebench", "run", *args, "--set", "eval.tasks=boolq"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+        assert child.stdout is not None
+        arrived = [(time.monotonic(), line.rstrip("\n")) for line in child.stdout]
+    assert child.wait() == 0, (tmp_path / "stderr").read_text()[-3000:]
+    exited = time.monotonic()
+    steps = [(t, _STEP_LINE.fullmatch(line)) for t, line in arrived if line.startswith("step ")]
+    assert len(steps) >= 2 and all(m for _, m in steps), [line for _, line in arrived]
+    assert steps[-1][1].group(1) == "12"  # the last step is always shown
+    elapsed = [
+        int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in (x.groups()[1:] for _, x in steps)
+    ]
+    # a line every `every` seconds at most (the last step's comes whenever training ends)
+    assert all(b - a >= every for a, b in itertools.pairwise(elapsed[:-1])), elapsed
+    assert steps[0][0] < exited - 1, "the first line came only as the run ended"
+    assert not [line for _, line in arrived if re.search(r"━ +\d+/\d+ ", line)]  # no bars
+    assert "is deprecated" in (tmp_path / "stderr").read_text()
+
+
+def test_a_bad_progress_interval_is_one_sentence(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    r = moebench("run", *TINY, "--db", db, cwd=tmp_path, env={"MOEBENCH_PROGRESS_EVERY": "soon"})
+    _one_clean_error(r, "MOEBENCH_PROGRESS_EVERY='soon' is not a number of seconds", ">= 0")
 
 
 def _one_clean_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -287,3 +341,19 @@ def test_sigterm_marks_the_run_interrupted_too(tmp_path: Path) -> None:
     assert proc.returncode == 130 and "Traceback" not in err
     (run,) = store.list_runs(store.open_store(f"sqlite:///{db_file}"))
     assert run["status"] == "interrupted" and "SIGTERM" in run["status_reason"]
+
+
+@pytest.mark.parametrize("group", [g.name for g in app.registered_groups])
+def test_every_groups_help_keeps_its_bracketed_text(group: str) -> None:
+    """Plain help in every group, as in the main app: with rich markup on, "[default: ...]" or
+    "[env MOEBENCH_DB; ...]" in a help text is taken for a style tag and dropped. Each group is
+    rendered on its own, with its own markup mode (the main app lends it its mode otherwise)."""
+    sub = next(g.typer_instance for g in app.registered_groups if g.name == group)
+    command = typer.main.get_command(sub)  # a group: its own options, then its commands'
+    for path, cmd in [((), command), *(((n,), c) for n, c in command.commands.items())]:
+        result = CliRunner().invoke(sub, [*path, "--help"], env={"COLUMNS": "100"})
+        assert result.exit_code == 0, result.output
+        shown = " ".join(result.output.split())
+        for param in cmd.params:
+            for bracketed in re.findall(r"\[[^\]]*\]", getattr(param, "help", None) or ""):
+                assert " ".join(bracketed.split()) in shown, (group, path, bracketed)

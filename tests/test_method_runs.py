@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -197,10 +198,12 @@ def test_a_run_stored_before_a_config_field_existed_still_resumes(tmp_path: Path
 
 
 def test_a_run_interrupted_at_loracoe_phase_switch_still_records_the_switch(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Checkpoint on the last warm-up step, interrupt on the first joint step: the resumed
-    process must see the stored warm-up side and note the switch as an unbroken run does."""
+    process must see the stored warm-up side and note the switch as an unbroken run does.
+    The switch is the method working as designed: an INFO line (shown with -v), no warning."""
+    caplog.set_level(logging.INFO, logger="moebench")
     options = {"method": "loracoe", "model": "tiny-llama", "max_steps": 4, "limit": 1}
     sets = [("train.batch_size", "8"), ("train.checkpoint_every", "2"), ("eval.tasks", "boolq")]
     switches = []
@@ -219,6 +222,8 @@ def test_a_run_interrupted_at_loracoe_phase_switch_still_records_the_switch(
         (run,) = store.list_runs(store.open_store(db))
         switches.append(store.get_artifacts(store.open_store(db), run["id"])["phase_switches"])
     unbroken, resumed = switches
+    noted = [r for r in caplog.records if r.getMessage().startswith("phase lora-warmup -> joint")]
+    assert noted and {r.levelno for r in noted} == {logging.INFO}
     assert [(s["from"], s["to"], s["from_step"], s["step"]) for s in resumed] == [
         ("lora-warmup", "joint", 2, 3)
     ]

@@ -3,7 +3,9 @@ resumed to the same adapter bit for bit, a bad sweep file queuing nothing."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,8 +39,8 @@ set:
 """
 
 
-def _sweep(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "COLUMNS": "200"}
+def _sweep(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "moebench", "sweep", *args],
         cwd=cwd,
@@ -180,12 +182,17 @@ def test_a_sweep_adopts_an_interrupted_plain_run_of_the_same_spec(tmp_path: Path
 
     with pytest.raises(KeyboardInterrupt):
         execute(job.spec, RunEnv(db=url, output_dir=str(tmp_path / "out")), StopAt5())
-    p = _sweep(str(sweep_file), "--db", url, cwd=tmp_path)
+    p = _sweep(str(sweep_file), "--db", url, cwd=tmp_path, env={"MOEBENCH_PROGRESS_EVERY": "1"})
     out, errs = p.communicate(timeout=600)
     assert p.returncode == 0, errs[-3000:]
     assert "queued 0 new" in out and "1 of 1 jobs done" in out
     (run,) = q.list_jobs(db.open_store(url))
     assert run["status"] == "done" and run["sweep"] == "one" and run["attempts"] == 2
+    # piped: plain lines while it works (no live table), one a second at most
+    lines = re.findall(r"^jobs: (.*), elapsed (\d+):(\d\d):(\d\d)$", out, re.M)
+    assert any(f"1 running (job {run['id']} " in line for line, *_ in lines), out
+    seconds = [int(h) * 3600 + int(m) * 60 + int(s) for _, h, m, s in lines]
+    assert all(a < b for a, b in itertools.pairwise(seconds)), seconds
 
 
 def test_workers_below_one_are_refused_in_one_sentence(tmp_path: Path) -> None:
