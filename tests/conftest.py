@@ -65,18 +65,27 @@ def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ["MOEBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.fixture(autouse=True)
-def _quiet_settings_stay_in_their_test() -> Iterator[None]:
-    """A quiet CLI command sets these for the processes it starts (`cli._quiet_libraries`); one
-    run in-process must not carry them into the next test's subprocesses."""
-    names = ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")
-    saved = {name: os.environ.get(name) for name in names}
-    yield
-    for name, value in saved.items():
+_QUIET_NAMES = ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")
+_QUIET_AT_START = {name: os.environ.get(name) for name in _QUIET_NAMES}
+
+
+def _restore_quiet_settings() -> None:
+    for name, value in _QUIET_AT_START.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _quiet_settings_stay_in_their_test() -> Iterator[None]:
+    """A quiet CLI command sets these for the processes it starts (`cli._quiet_libraries`); one
+    run in-process must not carry them into another test's subprocesses. Restored to what the
+    session started with before each test too: a module-scoped fixture that runs the CLI
+    in-process sets them before any test's own fixture sees them."""
+    _restore_quiet_settings()
+    yield
+    _restore_quiet_settings()
 
 
 @pytest.fixture

@@ -139,7 +139,10 @@ def _one_clean_error(r: subprocess.CompletedProcess[str], *needles: str) -> None
     [
         (["--method", "lroa"], ["Unknown method 'lroa'", "Did you mean 'lora'?"]),
         (["--model", "no-such-model"], ["Unknown model 'no-such-model'", "tiny-llama"]),
-        (["--model", "Qwen/Qwen2-0.5B"], ["model 'Qwen/Qwen2-0.5B'", "the hub is unreachable"]),
+        (
+            ["--model", "Qwen/Qwen2-0.5B"],
+            ["Model 'Qwen/Qwen2-0.5B' is not in the local model cache", "offline alternatives"],
+        ),
         (["--suite", "minii"], ["Unknown suite 'minii'", "mini"]),
         (["--set", "rnak=4"], ["Unknown config key 'rnak'", "rank"]),
         (["--set", "rank=-4"], ["rank=-4 is out of range; accepted: an integer in [1, 65536]"]),
