@@ -9,6 +9,7 @@ No torch, no transformers: `moebench run` asks before either loads.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from urllib.parse import urlsplit
@@ -36,6 +37,13 @@ def offline_reason() -> str | None:
     url = urlsplit(constants.ENDPOINT)
     host = url.hostname or "huggingface.co"
     port = url.port or (80 if url.scheme == "http" else 443)
+    return _unreachable(host, port)
+
+
+@functools.cache
+def _unreachable(host: str, port: int) -> str | None:
+    """One connection attempt per endpoint and process: `moebench run` asks before torch loads
+    and the loader asks again, and a black-holed network costs the full timeout each time."""
     try:
         socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
     except OSError as e:
