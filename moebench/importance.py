@@ -4,8 +4,9 @@ The seed paper's importance analysis (its section 2.2, eq. 3) needs `|dL/dtheta 
 element of every adapter tensor, with L the loss over a task's whole evaluation set; LoRA-SMoE's
 sensitivity stage (moebench.sensitivity) needs `sum over examples of ||dL/dW||^2` per decoder
 weight. Both are "run batches forward and backward, and fold each parameter's gradient into a
-running total": a `Reduction` says how to fold, `gradient_pass` does the rest, so sensitivity can
-adopt this pass (its Adam-step mode aside) instead of keeping its own loop.
+running total": a `Reduction` says how to fold, `gradient_pass` does the rest. Sensitivity's
+`clean` protocol is this pass; its `authors` protocol keeps its own loop, because it clips each
+step's gradient and moves the weights with an optimizer step between examples.
 
 How L is scaled decides what is measured. `loss_scale="dataset"` divides each batch's summed
 token loss by the supervised tokens of ALL batches, so the accumulated gradient is exactly the

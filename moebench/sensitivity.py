@@ -45,6 +45,7 @@ from torch import nn
 
 from moebench.data import IGNORE_INDEX, Example, collate
 from moebench.errors import ConfigError, DataError
+from moebench.importance import GRAD_SQUARED_NORM, gradient_pass
 
 log = logging.getLogger(__name__)
 
@@ -184,36 +185,14 @@ def measure(
 def _measure_clean(
     model: nn.Module, chosen: Sequence[Example], pad_token_id: int, device: torch.device
 ) -> dict[str, float]:
-    names = list(decoder_weights(model))
-    acc = torch.zeros(len(names), dtype=torch.float32, device=device)
-
-    def hook_for(i: int):  # type: ignore[no-untyped-def]
-        def hook(p: torch.Tensor) -> None:
-            assert p.grad is not None
-            acc[i] += torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
-            p.grad = None  # free it now: peak memory stays near one weight's gradient
-
-        return hook
-
-    handles = []
-    with _held_in(model, torch.float32, copy=False) as params:
-        try:
-            for n, p in params:
-                p.requires_grad_(n in names)
-            weights = decoder_weights(model)
-            handles = [
-                weights[n].register_post_accumulate_grad_hook(hook_for(i))
-                for i, n in enumerate(names)
-            ]
-            model.eval()
-            with torch.enable_grad():
-                for e in chosen:
-                    _loss(model, e, pad_token_id, device).backward()
-            scores = acc.tolist()
-        finally:
-            for h in handles:
-                h.remove()
-    return dict(zip(names, scores, strict=True))
+    """The clean protocol is the general gradient pass (moebench.importance) with the squared
+    norm folded in per example, over the fp32-held decoder weights."""
+    batches = [collate([e], pad_token_id) for e in chosen]
+    with _held_in(model, torch.float32, copy=False):
+        scores, _ = gradient_pass(
+            model, batches, decoder_weights(model), GRAD_SQUARED_NORM, device=device
+        )
+    return {n: float(v) for n, v in scores.items()}
 
 
 def _block_optimizer(params: list[tuple[str, nn.Parameter]]) -> Any:
