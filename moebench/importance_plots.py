@@ -1,6 +1,6 @@
 """Plotly figures of stored importance records (the seed paper's Figures 2 to 4).
 
-Plots only: every number drawn is read from `record["figures"]` (moebench.importance_stats), the
+Plots only: every number drawn is read from `record["figures"]` (moebench.importance_figures), the
 same numbers the CLI prints and the store keeps. Several records side by side are the comparison
 mode (e.g. LoRA, LoRAMoE and LoRACoE on the same model and tasks). plotly is an optional
 dependency (`pip install 'moebench[analysis]'`); PNG export also needs kaleido and a Chromium.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moebench.errors import ConfigError
-from moebench.importance_stats import ALL
+from moebench.importance_figures import ALL
 
 
 def _plotly() -> Any:

@@ -22,7 +22,8 @@ from moebench import store as db
 from moebench.data import IGNORE_INDEX, Example, Row, collate, tokenize_row
 from moebench.errors import ConfigError
 from moebench.importance import TAYLOR, gradient_pass
-from moebench.importance_stats import figures, layout_record, summarize
+from moebench.importance_figures import figures
+from moebench.importance_stats import layout_record, summarize
 from moebench.inject import Adapted
 from moebench.runspec import RunSpec
 from moebench.suites import get_suite

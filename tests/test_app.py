@@ -185,3 +185,76 @@ def test_unusable_store_explains(monkeypatch, tmp_path: Path, seeded: Path, kind
         "corrupt": "not a readable",
         "newer": "newer moebench",
     }[kind] in text
+
+
+def _importance_record(seed: int) -> dict:
+    """A stored importance record as `moebench analyze importance` writes one (two tasks, two
+    module types, two layers, four ranks), with its figures' numbers from the library."""
+    from moebench.importance_figures import figures
+
+    rng = np.random.default_rng(seed)
+    tensors, rank_sets, tasks = {}, {}, {}
+    for layer in (0, 1):
+        for kind in ("q_proj", "v_proj"):
+            name = f"model.layers.{layer}.self_attn.{kind}"
+            rank_sets[name] = {"module_type": kind, "ranks_per_expert": None}
+            for role in ("lora_A", "lora_B"):
+                tensors[f"{name}.{role}"] = {"module_type": kind, "role": role, "rank_set": name}
+    for task in ("boolq", "gsm8k"):
+        tasks[task] = {
+            "ranks": {k: rng.random(4).tolist() for k in rank_sets},
+            "variance": {t: rng.random(2).tolist() for t in tensors},
+        }
+    record = {"layout": {"rank_sets": rank_sets, "tensors": tensors}, "tasks": tasks}
+    record["figures"] = figures(record)
+    return record
+
+
+def _chart_traces(at: AppTest, key_part: str) -> list[str]:
+    import json
+
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        title = spec["layout"].get("title", {}).get("text", "")
+        if key_part in title:
+            return [t.get("name", "") for t in spec["data"]]
+    raise AssertionError(f"no chart titled with {key_part!r}")
+
+
+def test_run_page_shows_stored_importance_and_compares_runs(monkeypatch, tmp_path: Path) -> None:
+    from moebench import store as db
+
+    path = tmp_path / "board.db"
+    seed_store(path)
+    with db.open_store(f"sqlite:///{path}") as store:
+        done = {r["method"]: r["id"] for r in db.list_runs(store, status="done", limit=None)}
+        records = {done["lora"]: _importance_record(0), done["loracoe"]: _importance_record(1)}
+        for run_id, record in records.items():
+            db.put_artifact(store, run_id, "importance", record)
+    os.chmod(path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    at = _app(monkeypatch, f"sqlite:///{path}", "pages/run.py")
+    at.selectbox(key="run_a").set_value(done["lora"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = _frame(at, "d_or_k_avg")
+    record = records[done["lora"]]
+    for kind in ("q_proj", "v_proj"):  # by hand: every (task, tensor) pair of the type, pooled
+        pairs = [
+            pair
+            for summary in record["tasks"].values()
+            for name, pair in summary["variance"].items()
+            if record["layout"]["tensors"][name]["module_type"] == kind
+        ]
+        row = table[(table["module_type"] == kind) & (table["tensor"] == "all")].iloc[0]
+        assert row["rank_avg"] == pytest.approx(np.mean([p[0] for p in pairs]))
+        assert row["d_or_k_avg"] == pytest.approx(np.mean([p[1] for p in pairs]))
+        assert row["ratio"] == pytest.approx(row["rank_avg"] / row["d_or_k_avg"])
+    assert len(_chart_traces(at, "Figure 2")) == 2  # rank and d bars of one run
+    assert len(_chart_traces(at, "Figure 4")) == 2  # one line per task
+    _chart_traces(at, "between tasks")
+    _chart_traces(at, "between ranks")
+    at.multiselect(key="imp_compare").select(done["loracoe"]).run()
+    names = _chart_traces(at, "Figure 4")
+    assert len(names) == 4 and sum(n.startswith(f"{done['loracoe']}: loracoe") for n in names) == 2
+    assert len(_chart_traces(at, "Figure 2")) == 4
+    at.selectbox(key="run_a").set_value(done["loramoe"]).run()
+    assert any("moebench analyze importance" in i.value for i in at.info)

@@ -14,16 +14,13 @@ from torch import nn
 
 from moebench.data import IGNORE_INDEX, Example, collate
 from moebench.importance import GRAD_SQUARED_NORM, TAYLOR, gradient_pass
+from moebench.importance_figures import figure2, figures, sorted_shares, task_correlation
 from moebench.importance_run import length_batches, task_importance
 from moebench.importance_stats import (
-    figure2,
-    figures,
     layout_record,
     per_rank,
     rank_groups,
-    sorted_shares,
     summarize,
-    task_correlation,
     variance_along,
 )
 from moebench.inject import Adapted, inject

@@ -1,4 +1,5 @@
-"""One run: config, provenance, logs, per-item predictions; or two runs item by item."""
+"""One run: config, provenance, logs, per-item predictions, importance figures; or two runs item
+by item."""
 
 from __future__ import annotations
 
@@ -6,12 +7,21 @@ import pandas as pd
 import streamlit as st
 from board_support import store_or_stop
 
+from moebench import importance_plots
 from moebench import store as db
 from moebench.board import charts
-from moebench.board.runs import prediction_sets, predictions, run_choices, side_by_side
+from moebench.board.runs import (
+    prediction_sets,
+    predictions,
+    run_choices,
+    runs_with_artifact,
+    side_by_side,
+)
+from moebench.importance_figures import ALL
 from moebench.worker import log_path
 
 LOG_LINES = 200
+IMPORTANCE = "importance"  # the artifact `moebench analyze importance` stores
 
 store = store_or_stop()
 st.title("Run")
@@ -39,8 +49,16 @@ if metrics:
         key="metrics",
     )
 
-tab_config, tab_prov, tab_log, tab_text, tab_pred, tab_pair = st.tabs(
-    ["Config", "Provenance", "Training log", "Log file", "Predictions", "Side by side"]
+tab_config, tab_prov, tab_log, tab_text, tab_pred, tab_pair, tab_imp = st.tabs(
+    [
+        "Config",
+        "Provenance",
+        "Training log",
+        "Log file",
+        "Predictions",
+        "Side by side",
+        "Importance",
+    ]
 )
 with tab_config:
     st.json(run["config"], expanded=True)
@@ -120,3 +138,28 @@ with tab_pair:
         pairs = side_by_side(store, run_id, other, flipped_only=flipped)
         st.caption(f"{len(pairs)} items" + (" that flipped" if flipped else " scored by both"))
         st.dataframe(pd.DataFrame(pairs), hide_index=True, key="pairs")
+with tab_imp:
+    record = artifacts.get(IMPORTANCE)
+    if not record:
+        st.info(
+            f"No importance analysis is stored for this run: `moebench analyze importance "
+            f"{run_id}` makes one (docs/importance.md)."
+        )
+    else:
+        st.caption(
+            "Figure 2's numbers, all analysed tasks pooled: mean variance of importance along "
+            "the rank dimension and along the input/output dimension, over layers."
+        )
+        fig2 = [r for r in record["figures"]["figure2"] if r["task"] == ALL]
+        keep = ["module_type", "tensor", "rank_avg", "d_or_k_avg", "ratio", "tensors"]
+        st.dataframe(pd.DataFrame(fig2)[keep], hide_index=True, key="importance_figure2")
+        others = [i for i in runs_with_artifact(store, IMPORTANCE) if i != run_id]
+        compare = st.multiselect(
+            "Compare with (Figures 2 and 4)", others, format_func=labels.get, key="imp_compare"
+        )
+        records = {labels[run_id]: record}
+        records |= {labels[i]: db.get_artifacts(store, i)[IMPORTANCE] for i in compare}
+        st.plotly_chart(importance_plots.figure2(records), key="imp_figure2")
+        st.plotly_chart(importance_plots.figure4(records), key="imp_figure4")
+        st.plotly_chart(importance_plots.figure3_tasks(labels[run_id], record), key="imp_tasks")
+        st.plotly_chart(importance_plots.figure3_ranks(labels[run_id], record), key="imp_ranks")

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, func, select
 
 from moebench import store as db
-from moebench.store.queries import METRICS, PREDICTIONS, RUNS
+from moebench.store.queries import ARTIFACTS, METRICS, PREDICTIONS, RUNS
 
 PREDICTION_LIMIT = 2_000
 
@@ -52,6 +52,13 @@ def run_choices(store: db.Store) -> list[tuple[int, str]]:
             (i, f"{i}: {method} on {model}, seed {seed} ({status})")
             for i, method, model, seed, status in s.execute(stmt)
         ]
+
+
+def runs_with_artifact(store: db.Store, name: str) -> list[int]:
+    """Ids of the runs that keep an artifact `name` (e.g. `importance`), newest first."""
+    stmt = select(ARTIFACTS.c.run_id).where(ARTIFACTS.c.name == name)
+    with store.session() as s:
+        return sorted((i for (i,) in s.execute(stmt.distinct())), reverse=True)
 
 
 def prediction_sets(store: db.Store, run_id: int) -> dict[str, int]:
