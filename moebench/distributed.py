@@ -58,6 +58,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import DistributedType, broadcast, gather_object, reduce
 
 from moebench.data import Example
 from moebench.errors import ConfigError, MoebenchError
@@ -67,6 +69,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective that waits longer means a rank is gone
 READY_WAIT_S = 1800.0  # how long rank 0 waits for a helper to have built its model
+# What a launcher (torchrun, `accelerate launch`) gives each process, and what accelerate itself
+# writes while it sets up CPU ranks: rank 0 sets them for one job and puts back what was there.
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMP_NUM_THREADS",
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,7 @@ class Ranks:
 
     rank: int
     world: int
+    device: torch.device  # accelerate's choice for this rank (cuda:LOCAL_RANK of those it sees)
 
     @property
     def main(self) -> bool:
@@ -87,16 +101,14 @@ class Ranks:
     def broadcast(self, params: Iterable[torch.Tensor]) -> None:
         """Rank 0's values into every rank's tensors (the adapter at the start of training)."""
         with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, 0)
+            broadcast([p.data for p in params], from_process=0)  # in place, one call a tensor
 
     def check_same(self, model: torch.nn.Module) -> None:
         """Refuse to train if a rank's base model differs from rank 0's (another model file, a
         changed cache): a sum of every weight, compared across ranks."""
         with torch.no_grad():
             total = sum(float(p.detach().double().sum()) for p in model.parameters())
-        sums: list[Any] = [None] * self.world
-        dist.all_gather_object(sums, total)
+        sums = _gather(total)
         if any(s != sums[0] for s in sums):
             raise MoebenchError(
                 f"The ranks' base models differ (weight sums {sums}); every rank must load the "
@@ -110,8 +122,7 @@ class Ranks:
         aux_total: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Add up the ranks' gradients (in place), cross-entropy sums and auxiliary losses."""
-        keys: list[Any] = [None] * self.world
-        dist.all_gather_object(keys, sorted(aux_total))
+        keys = _gather(sorted(aux_total))
         names = sorted(set().union(*keys))
         device = ce_total.device
         zero = torch.zeros((), device=device)
@@ -126,7 +137,7 @@ class Ranks:
             if params
             else [torch.stack(head)]
         )
-        dist.all_reduce(flat)
+        flat = reduce(flat, reduction="sum")  # a summed copy: the flat buffer once more, briefly
         n = len(head)
         ce, aux = flat[0], {k: flat[1 + i] for i, k in enumerate(names)}
         seen, offset = flat[n : n + len(params)].tolist(), n + len(params)
@@ -143,8 +154,7 @@ class Ranks:
             {k: (v.detach().cpu() if v is not None else None) for k, v in layer.stat_sums().items()}
             for layer in layers
         ]
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine)
+        gathered = _gather(mine)
         for i, layer in enumerate(layers):
             total: dict[str, torch.Tensor | None] = {}
             for per_rank in gathered:
@@ -155,6 +165,12 @@ class Ranks:
             layer.set_stat_sums(
                 {k: v.to(device) if v is not None else None for k, v in total.items()}
             )
+
+
+def _gather(item: Any) -> list[Any]:
+    """Every rank's `item`, in rank order. accelerate's gather_object concatenates the ranks'
+    lists, so each rank hands in a one-item list and gets one item per rank back."""
+    return list(gather_object([item]))
 
 
 def _device_of(layer: torch.nn.Module) -> torch.device:
@@ -218,6 +234,11 @@ def helper_ranks(
     `alive` is called while waiting (the job's heartbeat check, which raises if the job was
     taken away)."""
     threads = max(1, torch.get_num_threads() // world) if device.type == "cpu" else None
+    if dist.is_initialized():
+        raise ConfigError(
+            f"--gpus {world} starts its own ranks, but this process is already one of a "
+            "process group (started by torchrun or accelerate launch?); run it without a launcher."
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     for old in workdir.glob("ready.*"):
         old.unlink()
@@ -228,8 +249,6 @@ def helper_ranks(
         "examples": str(workdir / "examples.json"),
         "checkpoint_root": str(checkpoint_root),
         "resume_from": str(resume_from) if resume_from else None,
-        "world": world,
-        "address": f"tcp://127.0.0.1:{port}",
         "backend": "nccl" if device.type == "cuda" else "gloo",
         "threads": threads,
     }
@@ -241,29 +260,25 @@ def helper_ranks(
         raise ConfigError(
             f"--gpus {world} needs {world} visible GPUs; this machine shows {len(gpus)}."
         )
-    procs = [_start(rank, workdir, gpus[rank] if gpus else None) for rank in range(1, world)]
+    procs = [
+        _start(workdir, launch_env(rank, world, port, threads), gpus[rank] if gpus else None)
+        for rank in range(1, world)
+    ]
     saved_threads = torch.get_num_threads()
     try:
         _wait_ready(procs, workdir, alive)
-        dist.init_process_group(
-            handoff["backend"],
-            init_method=handoff["address"],
-            rank=0,
-            world_size=world,
-            timeout=TIMEOUT,
-        )
-        if threads:
-            torch.set_num_threads(threads)
-        yield Ranks(0, world)
-        for rank, proc in enumerate(procs, start=1):
-            if proc.wait() != 0:
-                raise MoebenchError(
-                    f"Rank {rank} ended with exit code {proc.returncode}: " + _tail(workdir, rank)
-                )
+        with _as_rank0(launch_env(0, world, port, threads), handoff["backend"]) as ranks:
+            if threads:
+                torch.set_num_threads(threads)
+            yield ranks
+            for rank, proc in enumerate(procs, start=1):
+                if proc.wait() != 0:
+                    raise MoebenchError(
+                        f"Rank {rank} ended with exit code {proc.returncode}: "
+                        + _tail(workdir, rank)
+                    )
     finally:
         torch.set_num_threads(saved_threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -278,19 +293,83 @@ def helper_ranks(
             (workdir / name).unlink(missing_ok=True)
 
 
-def _start(rank: int, workdir: Path, gpu: str | None) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+def launch_env(rank: int, world: int, port: int, threads: int | None) -> dict[str, str]:
+    """A rank's place as torchrun and `accelerate launch` hand it over (one machine, so the local
+    rank is the rank). On CPU ranks OMP_NUM_THREADS is the rank's share of the cores: with it
+    set, accelerate leaves the thread count alone instead of picking its own (with a warning)."""
+    env = {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def join(backend: str) -> Ranks:
+    """Join the job's ranks from the launcher variables. accelerate creates the process group
+    and picks the device; `cpu=True` is what makes it choose CPU ranks (else it finds no
+    accelerator and sets up nothing), and the explicit backend keeps it from taking MPI, which
+    it prefers on the CPU whenever torch has it."""
+    state = PartialState(cpu=backend == "gloo", backend=backend, timeout=TIMEOUT)
+    wanted = DistributedType.MULTI_CPU if backend == "gloo" else DistributedType.MULTI_GPU
+    if state.distributed_type != wanted or state.backend != backend:
+        raise MoebenchError(
+            f"accelerate set up {state.distributed_type} over {state.backend} where this job "
+            f"needs {wanted} over {backend}; is an ACCELERATE_* variable set (deepspeed, fsdp)?"
+        )
+    log.info(
+        "rank %d of %d under accelerate: %s over %s, device %s",
+        state.process_index,
+        state.num_processes,
+        state.distributed_type,
+        state.backend,
+        state.device,
+    )
+    return Ranks(state.process_index, state.num_processes, state.device)
+
+
+def leave() -> None:
+    """Close the job's process group and drop accelerate's record of it. accelerate has no
+    public reset; `_reset_state` is the one its own test scripts use between runs."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    PartialState._reset_state()
+
+
+@contextlib.contextmanager
+def _as_rank0(env: dict[str, str], backend: str) -> Iterator[Ranks]:
+    """This long-lived process (a sweep's worker, a CLI call in a test) as rank 0 of one job.
+    The launcher variables and accelerate's shared state belong to the job only while it runs:
+    afterwards both are what they were before, so the process's next job, on any number of
+    ranks, starts clean (and a state someone made earlier, undistributed, is not lost)."""
+    saved_env = {k: os.environ.get(k) for k in LAUNCH_VARS}
+    saved_state = dict(PartialState._shared_state)
+    PartialState._reset_state()
+    os.environ.update(env)
+    try:
+        yield join(backend)
+    finally:
+        leave()
+        PartialState._shared_state.update(saved_state)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _start(workdir: Path, place: dict[str, str], gpu: str | None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **place}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    with open(workdir / f"rank{rank}.log", "wb") as out:
+    with open(workdir / f"rank{place['RANK']}.log", "wb") as out:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "moebench.distributed",
-                str(workdir / "handoff.json"),
-                str(rank),
-            ],
+            [sys.executable, "-m", "moebench.distributed", str(workdir / "handoff.json")],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -330,8 +409,9 @@ def _tail(workdir: Path, rank: int) -> str:
     return " | ".join(lines[-3:]) or "(empty log)"
 
 
-def helper_main(handoff_path: Path, rank: int) -> None:
-    """A helper rank: build the job's model from the hand-off, train as `rank`, exit."""
+def helper_main(handoff_path: Path) -> None:
+    """A helper rank (its place in the launcher variables): build the job's model from the
+    hand-off, train, exit."""
     from moebench.adapted import build_adapted
     from moebench.config import build
     from moebench.method import get_method
@@ -347,10 +427,8 @@ def helper_main(handoff_path: Path, rank: int) -> None:
     built = build_adapted(spec, config)
     rows = json.loads(Path(h["examples"]).read_text())
     examples = [Example(tuple(i), tuple(lab), int(t)) for i, lab, t in rows]
-    (handoff_path.parent / f"ready.{rank}").touch()
-    dist.init_process_group(
-        h["backend"], init_method=h["address"], rank=rank, world_size=h["world"], timeout=TIMEOUT
-    )
+    (handoff_path.parent / f"ready.{os.environ['RANK']}").touch()
+    ranks = join(h["backend"])
     try:
         train(
             built.adapted,
@@ -359,12 +437,13 @@ def helper_main(handoff_path: Path, rank: int) -> None:
             seed=spec.seed,
             checkpoint_root=Path(h["checkpoint_root"]),
             resume_from=Path(h["resume_from"]) if h["resume_from"] else None,
-            ranks=Ranks(rank, h["world"]),
+            ranks=ranks,
         )
     finally:
-        dist.destroy_process_group()
+        leave()
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    helper_main(Path(sys.argv[1]), int(sys.argv[2]))
+    log.setLevel(logging.INFO)  # the rank's place under accelerate, into its ranks/rank<R>.log
+    helper_main(Path(sys.argv[1]))
