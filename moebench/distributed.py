@@ -1,5 +1,17 @@
 """One job on several GPUs (or, for tests, several CPU processes): data-parallel ranks of the
-one training loop, over torch.distributed (NCCL on GPUs, gloo on the CPU).
+one training loop, run under accelerate (NCCL on GPUs, gloo on the CPU).
+
+What accelerate does here. Every rank, rank 0 included, is given its place the way torchrun and
+`accelerate launch` give it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT), and `accelerate.PartialState` reads them, creates the process group (with this
+module's timeout) and picks the rank's device; the loop trains on `state.device`. On the CPU it
+is told `cpu=True` and the backend gloo outright: without the first it would set up the GPUs
+for a CPU job, or on a machine without any nothing at all (one process, no group); without the
+second it would take MPI wherever torch has it.
+The step's collectives are accelerate's operations: `broadcast` (the adapter, once), `reduce`
+with `reduction="sum"` (the step's flat buffer) and `gather_object` (the weight sums, the
+auxiliary-loss names, the router-statistic sums; each rank hands in a one-item list, because
+gather_object joins the ranks' lists end to end).
 
 How the ranks share a step. The data order is the single-process one: every rank draws the same
 plan of micro-batches per optimizer step (moebench.data.step_batches, seeded) and works the
@@ -13,13 +25,14 @@ as in one process, so AdamW leaves it alone), the cross-entropy sum and the auxi
 Clipping and the optimizer step then run on every rank on equal numbers, so the ranks stay equal
 without ever exchanging weights (they are broadcast from rank 0 once, at the start).
 
-Why not the `DistributedDataParallel` wrapper (or accelerate's `prepare`, which applies it): it
-fixes the set of parameters that need gradients when it is built, while a method's phases switch
-that set mid-run (LoRACoE, LoRA-SMoE); under top-k routing some experts get no gradient on a
-rank, which DDP only tolerates by scanning the graph every step; the loop calls the decoder and
-the output layer separately (moebench.train.token_loss_sum), which bypasses the wrapper's
-forward; and the last step of an epoch may leave a rank without a micro-batch, where DDP would
-hang. One explicit all-reduce per step is what DDP's buckets do, without those four limits.
+What it does not do: wrap the model. There is no `Accelerator.prepare` and no
+`DistributedDataParallel` (which `prepare` would apply), because the wrapper fixes the set of
+parameters that need gradients when it is built, while a method's phases switch that set mid-run
+(LoRACoE, LoRA-SMoE); under top-k routing some experts get no gradient on a rank, which DDP only
+tolerates by scanning the graph every step; the loop calls the decoder and the output layer
+separately (moebench.train.token_loss_sum), which bypasses the wrapper's forward; and the last
+step of an epoch may leave a rank without a micro-batch, where DDP would hang. One
+explicit sum per step (accelerate's `reduce`) is what DDP's buckets do, without those four limits.
 
 Auxiliary losses are per micro-batch, per rank: MixLoRA's balance loss and LoRAMoE's constraint
 are formed on each forward's own tokens, as they are in one process with gradient accumulation
@@ -31,11 +44,14 @@ means are formed (`AdapterLayer.stat_sums`).
 
 Only rank 0 touches the store and the disk: it is the process that claimed the job (moebench
 run), it writes the training log and checkpoints and scores the result. The other ranks are
-helper processes it starts on this machine (`python -m moebench.distributed`), each given the
-resolved spec, the prepared method config and the tokenised rows in a hand-off folder, so they
-build the same model without reading the store; they train and exit. With dropout, every rank
-draws its own masks (as under DDP), so such a run equals the one-process run in distribution,
-not number for number; with dropout 0 it equals it to float summation order.
+helper processes it starts on this machine (`python -m moebench.distributed`, its place in the
+launcher variables), each given the resolved spec, the prepared method config and the tokenised
+rows in a hand-off folder, so they build the same model without reading the store; they train
+and exit. Rank 0 is a long-lived process (a sweep's worker): it holds the launcher variables and
+accelerate's shared state only while the job runs, then closes the group and puts both back as
+they were, so its next job starts clean. With dropout, every rank draws its own masks (as under
+DDP), so such a run equals the one-process run in distribution, not number for number; with
+dropout 0 it equals it to float summation order.
 """
 
 from __future__ import annotations
@@ -326,7 +342,7 @@ def join(backend: str) -> Ranks:
         "rank %d of %d under accelerate: %s over %s, device %s",
         state.process_index,
         state.num_processes,
-        state.distributed_type,
+        state.distributed_type.value,
         state.backend,
         state.device,
     )
