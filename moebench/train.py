@@ -238,9 +238,10 @@ def train(
 
     With `ranks` this process is one of several data-parallel ranks of the job
     (moebench.distributed): it works its share of each step's micro-batches, the step's sums are
-    added up across ranks, and only rank 0 writes checkpoints."""
+    added up across ranks, and only rank 0 writes checkpoints; the device is the one accelerate
+    gave the rank."""
     hooks = hooks or TrainHooks()
-    device = resolve_device(cfg)
+    device = resolve_device(cfg) if ranks is None else ranks.device
     amp = autocast_dtype(cfg, device)
     model = adapted.model
     model.to(device)

@@ -6,6 +6,8 @@ predictions; and a 2-rank run interrupted mid-training and resumed ends where th
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,44 @@ def test_two_ranks_equal_one_process_at_the_same_effective_batch(
         resumed = _run(tmp_path, "resumed", spec, 2, _StopAt(3))
         assert resumed["run"]["resumed_from_step"] == 2
         _same(two, resumed)
+
+
+def test_accelerate_holds_a_jobs_ranks_and_the_process_is_clean_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both ranks' places come from accelerate's state (CPU ranks over gloo), and the calling
+    process, a long-lived worker, ends each job without a process group, launcher variables or
+    accelerate state of it: two jobs back to back, the second after something in the process
+    made an undistributed state of its own (kept), train alike."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    from moebench.distributed import LAUNCH_VARS
+
+    spec = resolve(options={"method": "lora", "model": "tiny-llama", "max_steps": 2}, sets=SETS)
+    env = {k: os.environ.get(k) for k in LAUNCH_VARS}
+    assert not PartialState._shared_state and not dist.is_initialized()
+    caplog.set_level(logging.INFO, logger="moebench.distributed")
+    try:
+        first = _run(tmp_path, "first", spec, 2)
+        assert not PartialState._shared_state and not dist.is_initialized()
+        assert {k: os.environ.get(k) for k in LAUNCH_VARS} == env
+        mine = PartialState()
+        second = _run(tmp_path, "second", spec, 2)
+        assert PartialState().distributed_type == DistributedType.NO and mine.num_processes == 1
+        assert not dist.is_initialized() and {k: os.environ.get(k) for k in LAUNCH_VARS} == env
+    finally:
+        PartialState._reset_state()
+    for one in (first, second):
+        helper = Path(one["run"]["output_dir"]) / "ranks" / "rank1.log"
+        assert "rank 1 of 2 under accelerate: MULTI_CPU over gloo" in helper.read_text()
+    rank0 = [r.getMessage() for r in caplog.records if "under accelerate" in r.getMessage()]
+    assert [m.split(", device")[0] for m in rank0] == 2 * [
+        "rank 0 of 2 under accelerate: MULTI_CPU over gloo"
+    ]
+    assert [r["loss"] for r in first["log"]] == [r["loss"] for r in second["log"]]
+    assert first["metrics"] == second["metrics"]
 
 
 def test_bad_gpus_are_refused_before_anything_is_stored(tmp_path: Path) -> None:
