@@ -270,6 +270,14 @@ def _quiet_libraries() -> None:
     if "TRANSFORMERS_VERBOSITY" not in os.environ:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is imported
         logging.getLogger("transformers").setLevel(logging.ERROR)  # if it already was
+    if "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:
+        # transformers' "Loading weights" bar: in a job's log file or a pipe, a line of \r
+        # frames per model load (moebench's own progress lines say what is happening)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
 
 def _print_metrics(db: str | None, run_id: int) -> None:

@@ -65,7 +65,7 @@ def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ["MOEBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
-_QUIET_NAMES = ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")
+_QUIET_NAMES = ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
 _QUIET_AT_START = {name: os.environ.get(name) for name in _QUIET_NAMES}
 
 

@@ -18,7 +18,7 @@ from moebench import store as db
 from moebench.runner import RunEnv, execute, resume, run_claimed, spec_of
 from moebench.runspec import resolve
 from moebench.store import jobs as q
-from moebench.worker import retry_after_oom
+from moebench.worker import log_path, retry_after_oom
 from tests.conftest import StopAt, poisoned_model
 
 OPTIONS = {"model": "tiny-llama", "max_steps": 6, "limit": 1}
@@ -137,3 +137,7 @@ def test_a_failing_job_is_retried_by_policy_and_each_reason_kept(tmp_path: Path)
     assert [f["kind"] for f in job["failures"]] == ["error", "error"]
     assert all("non-finite" in f["reason"] for f in job["failures"])
     assert f"job {job['id']} failed" in r.stderr
+    # the model is a local folder, so transformers loads it with its "Loading weights" bar; a
+    # quiet sweep's job log (not a terminal) holds its own lines only, never the bar's frames
+    log = (tmp_path / log_path(job)).read_text()
+    assert "non-finite" in log and "Loading weights" not in log
