@@ -32,6 +32,10 @@ TINY = [
     "train.batch_size=8",
     "--set",
     "train.checkpoint_every=2",
+    # a random model never stops by itself: without a cap every math item generated its full
+    # 256 tokens, and one such run took 177 s instead of 48 s on the 2-core CI machine
+    "--set",
+    "eval.max_new_tokens=16",
 ]
 
 
@@ -231,6 +235,8 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
         "train.checkpoint_every=2",
         "--set",
         "train.batch_size=4",
+        "--set",
+        "eval.max_new_tokens=16",  # see TINY
         "--db",
         db,
     ]

@@ -213,6 +213,8 @@ def test_la_offline_runs_end_to_end_and_stores_its_data_record(tmp_path: Path) -
         "train.batch_size=4",
         "--set",
         "data.task_sizes=boolq=8",
+        "--set",
+        "eval.max_new_tokens=16",  # a random model never stops: the math sets' 256 is minutes
         "--db",
         db,
         cwd=tmp_path,
