@@ -157,7 +157,12 @@ def test_a_resumed_run_reuses_its_preparation_instead_of_measuring_again(
     env = RunEnv(db=db, output_dir=str(tmp_path / "out"))
     spec = resolve(
         options={"method": "lora-smoe", "model": "tiny-llama", "max_steps": 4, "limit": 2},
-        sets=[("train.batch_size", "8"), ("train.checkpoint_every", "2")],
+        # a random model never stops by itself: 16 new tokens, not the math sets' 256
+        sets=[
+            ("train.batch_size", "8"),
+            ("train.checkpoint_every", "2"),
+            ("eval.max_new_tokens", "16"),
+        ],
     )
     with pytest.raises(KeyboardInterrupt):
         execute(spec, env, _StopAt(3))
