@@ -112,13 +112,12 @@ def time_page(url: str, page: str | None, repeats: int, *, fresh: bool) -> list[
             at.switch_page(page)
         return at
 
-    at = None if fresh else new_app()
-    if at is not None:
-        at.run()  # the server's start: imports and the one-time component scan
+    warm = None if fresh else new_app()
+    if warm is not None:
+        warm.run()  # the server's start: imports and the one-time component scan
     times = []
     for _ in range(repeats):
-        if at is None or fresh:
-            at = new_app()
+        at = warm if warm is not None else new_app()
         _clear_caches()
         start = time.perf_counter()
         at.run()
@@ -141,18 +140,17 @@ st.plotly_chart(px.bar(frame, x="method", y="accuracy"))
 """
 
 
-def _serve(url: str | None, port: int) -> subprocess.Popen:
+def _serve(url: str | None, port: int, scratch: Path) -> subprocess.Popen:
     """`moebench leaderboard` on `url`, or (None) the floor app: a bare Streamlit page with one
     three-row table and two plotly charts, which is what the frontend alone costs."""
+    from moebench.cli_leaderboard import streamlit_command
+
     if url is not None:
         cmd = [sys.executable, "-m", "moebench", "leaderboard", "--db", url, "--port", str(port)]
     else:
-        app = Path(tempfile.mkdtemp()) / "floor_app.py"
+        app = scratch / "floor_app.py"
         app.write_text(FLOOR_APP)
-        cmd = [
-            sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
-            "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        ]  # fmt: skip
+        cmd = streamlit_command(app, port, "127.0.0.1")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -165,7 +163,8 @@ def time_browser(url: str | None, repeats: int, *, cache_ttl_s: float = 31.0) ->
     from tests.test_leaderboard_browser import CHROMIUM, _free_port, _wait_healthy
 
     port = _free_port()
-    proc = _serve(url, port)
+    scratch = tempfile.TemporaryDirectory()
+    proc = _serve(url, port, Path(scratch.name))
     base = f"http://127.0.0.1:{port}"
     times: list[float] = []
     tables: list[float] = []
@@ -189,6 +188,7 @@ def time_browser(url: str | None, repeats: int, *, cache_ttl_s: float = 31.0) ->
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        scratch.cleanup()
     print(f"  {url or 'floor app'}: table shown after {', '.join(f'{t:.2f}' for t in tables)} s")
     return times
 

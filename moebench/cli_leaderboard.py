@@ -78,17 +78,23 @@ def leaderboard(
     if export is not None:
         _export(url, filters, export)
         return
-    command = [
-        sys.executable, "-m", "streamlit", "run", str(APP_ENTRY),
-        "--server.port", str(port), "--server.address", address,
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
-    ]  # fmt: skip
+    command = streamlit_command(APP_ENTRY, port, address)
     console.print(f"leaderboard on http://{address}:{port} reading {url} (read-only)")
     env = {**os.environ, "MOEBENCH_DB": url}
     # The server takes this process's place, so a signal to `moebench leaderboard` (Ctrl-C, a
     # test's terminate) reaches the server itself instead of orphaning a child streamlit.
     sys.stdout.flush()
     os.execve(sys.executable, command, env)
+
+
+def streamlit_command(entry: Path, port: int, address: str) -> list[str]:
+    """The Streamlit server for `entry`: headless, no usage stats (the leaderboard's benchmark
+    serves its floor page with the same flags, so the two are timed alike)."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(entry),
+        "--server.port", str(port), "--server.address", address,
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
 
 
 def _export(url: str, filters: object, path: Path) -> None:
