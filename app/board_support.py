@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
+from moebench.board.load import store_version
 from moebench.board.table import Board, BoardFilters, build_board
 from moebench.store import Store, resolve_db_url
 from moebench.store.readonly import StoreUnavailable, open_store_readonly
 
-CACHE_TTL_S = 30
+CACHED_VIEWS = 64  # (filters, store version) tables kept, least recently used out first
 
 _WHAT_TO_RUN = {
     "missing": "`moebench run ...` or `moebench sweep FILE` records runs; "
@@ -39,7 +40,16 @@ def store_or_stop() -> Store:
         raise  # unreachable: st.stop() ends the script
 
 
-@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False)
 def board(url: str, filters: BoardFilters) -> Board:
-    """The main table for `filters` (cached briefly: the store may be growing under a sweep)."""
+    """The main table for `filters`, recomputed only when the store has changed since.
+
+    Keyed on `store_version` (a few index lookups), not a time-to-live: a run that finishes
+    under a sweep shows at the next visit, and an unchanged store is never recomputed.
+    """
+    return _board(url, filters, store_version(_open(url)))
+
+
+@st.cache_data(max_entries=CACHED_VIEWS, show_spinner=False)
+def _board(url: str, filters: BoardFilters, version: tuple[object, ...]) -> Board:
+    """`version` is unused here: it is in the arguments so that it is in the cache key."""
     return build_board(_open(url), filters)

@@ -123,12 +123,58 @@ def test_filters_and_reference_rows(monkeypatch, seeded: Path) -> None:
     at = _app(monkeypatch, f"sqlite:///{seeded}")
     at.multiselect(key="f_method").set_value(["lora", "loracoe"]).run()
     assert sorted(_frame(at, "vs_lora")["method"]) == ["lora", "loracoe"]
+    assert len(at.dataframe) == 1  # the reference rows are built once their expander opens
+    at.session_state["references"] = True
+    at.run()
     ref = _frame(at, "source", not_having="rank").set_index("method")
     assert ref.loc["chance", "boolq"] == pytest.approx(50.0)
     assert ref.loc["chance", "commonsense_avg"] == pytest.approx(50.0)  # boolq 1/2, piqa 1/2
     published = ref[ref["model"] == "qwen2-0.5b"]
     assert published.loc["LoRACoE (published)", "overall"] == pytest.approx(58.20)
     assert set(ref["source"]) - {"measured"} == set(ref["source"])
+
+
+def test_charts_tab_plots_the_table_rows(monkeypatch, seeded: Path) -> None:
+    """Charts are drawn only in their tab; the Pareto points are the table's rows."""
+    import json
+
+    at = _app(monkeypatch, f"sqlite:///{seeded}")
+    assert not at.get("plotly_chart")
+    at.session_state["view"] = "Charts"
+    at.run()
+    assert not at.exception and not at.dataframe
+    scores = _expected_scores(seeded)
+    expected = sorted(
+        (PLAN[m][1], round(100 * np.mean(s["overall"]), 6)) for m, s in scores.items()
+    )
+    pareto = json.loads(at.get("plotly_chart")[0].proto.spec)
+    shown = [
+        (x, round(y, 6))
+        for trace in pareto["data"]
+        if trace.get("mode") == "markers"
+        for x, y in zip(trace["x"], trace["y"], strict=True)
+    ]
+    assert sorted(shown) == expected
+
+
+def test_a_rescored_run_shows_at_the_next_visit(monkeypatch, tmp_path: Path) -> None:
+    """The cached table is keyed on the store's version: a new score is never served stale."""
+    from moebench import store as db
+    from moebench.store.queries import METRIC_FIELDS
+
+    url = seed_store(tmp_path / "board.db")
+    at = _app(monkeypatch, url)
+    with db.open_store(url) as store:
+        run = next(
+            r for r in db.list_runs(store, status="done", limit=None) if r["method"] == "mixlora"
+        )
+        rows = [{k: m[k] for k in METRIC_FIELDS} for m in db.get_metrics(store, run["id"])]
+        db.add_metrics(store, run["id"], [{**m, "value": 1.0} for m in rows])
+    expected = _expected_scores(tmp_path / "board.db")["mixlora"]["overall"]
+    at.run()
+    frame = _frame(at, "vs_lora").set_index("method")
+    assert frame.loc["mixlora", "overall"] == pytest.approx(100 * np.mean(expected), abs=1e-3)
+    assert max(expected) == 1.0
 
 
 def test_run_page_predictions_and_flips(monkeypatch, seeded: Path) -> None:

@@ -11,11 +11,12 @@ import sqlite3
 import stat
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -262,3 +263,123 @@ def test_board_and_runs_summary_agree(seeded: Path) -> None:
         row = by_runs[g.runs]
         for s in g.sets:
             assert row.scores[s.task] == s.summary
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def writable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return seed_store(tmp_path / "board.db")
+    return seed_store(request.getfixturevalue("postgres_url"))
+
+
+def test_store_version_moves_with_every_result_write_not_with_heartbeats(
+    writable_url: str,
+) -> None:
+    """The app's cache key: any write the board reads changes it; a running job's beat does not."""
+    from moebench.board.load import store_version
+    from moebench.store import jobs
+    from moebench.store.queries import METRIC_FIELDS, PREDICTION_FIELDS, PREDICTIONS, RUNS
+    from tests.test_leaderboard_data import add_run
+
+    def newest_prediction_ids(store: db.Store) -> tuple[int, int]:
+        with store.session() as s:
+            return s.execute(select(func.count(), func.max(PREDICTIONS.c.id))).one()
+
+    with db.open_store(writable_url) as store:
+        newest = add_run(store, "lora", 12)  # its results are the newest rows
+        preds = [{k: p[k] for k in PREDICTION_FIELDS} for p in db.get_predictions(store, newest)]
+        metric = {k: db.get_metrics(store, newest)[0][k] for k in METRIC_FIELDS}
+        seen = {store_version(store)}
+        before = newest_prediction_ids(store)
+        writes = {
+            "predictions replaced": lambda: db.add_predictions(store, newest, preds),
+            "metric rescored": lambda: db.add_metrics(store, newest, [{**metric, "value": 0.5}]),
+            "artifact replaced": lambda: db.put_artifact(store, newest, "budget", {"x": 1}),
+        }
+        for what, write in writes.items():
+            write()
+            version = store_version(store)
+            assert version not in seen, what
+            seen.add(version)
+        if writable_url.startswith("sqlite"):
+            # Why `updated_at` is in the key: SQLite gave the replaced rows back their ids.
+            assert newest_prediction_ids(store) == before
+        lag = db.get_run(store, newest)["updated_at"] - timedelta(hours=1)
+        with store.session() as s:  # a writer whose clock lags an hour behind the others
+            s.execute(update(RUNS).where(RUNS.c.id == newest).values(updated_at=lag))
+        assert store_version(store) not in seen, "a lagging writer's update"
+        seen.add(store_version(store))
+        running = add_run(store, "lora", 11, status="running", owner="w1")
+        seen.add(store_version(store))
+        assert jobs.heartbeat(store, running, "w1", wall_time_s=3.0)
+        assert store_version(store) in seen
+        for what, write in {
+            "run finished": lambda: db.set_status(store, running, "done"),
+            "run deleted": lambda: db.delete_run(store, newest),
+        }.items():
+            write()
+            version = store_version(store)
+            assert version not in seen, what
+            seen.add(version)
+
+
+def test_rows_of_unchanged_runs_are_reused_and_equal_a_fresh_build(writable_url: str) -> None:
+    """The row cache: after one run is rescored and re-predicted, only its row is rebuilt, and
+    the board equals one built from nothing."""
+    from moebench.board.row_cache import ROWS
+    from moebench.store.queries import METRIC_FIELDS, PREDICTION_FIELDS
+
+    with db.open_store(writable_url) as store:
+        first = {r.method: r for r in build_board(store).rows}
+        run = first["mixlora"].runs[0]
+        metrics = [{k: m[k] for k in METRIC_FIELDS} for m in db.get_metrics(store, run)]
+        preds = [{k: p[k] for k in PREDICTION_FIELDS} for p in db.get_predictions(store, run)]
+        db.add_metrics(store, run, [{**m, "value": 1.0} for m in metrics])
+        db.add_predictions(store, run, [{**p, "correct": True} for p in preds])
+        again = build_board(store)
+        ROWS.clear()
+        fresh = build_board(store)
+    assert again == fresh
+    for row in again.rows:
+        reused = row.scores is first[row.method].scores
+        assert reused == (row.method != "mixlora"), row.method
+    assert again.rows != [first[r.method] for r in again.rows]
+
+
+def test_row_cache_drops_the_least_recently_used_rows_past_its_verdict_bound() -> None:
+    from moebench.board.row_cache import RowCache
+    from moebench.board.table import BoardRow
+
+    def row(name: str, items: int) -> BoardRow:
+        verdicts = {("boolq", "p"): {(str(i), "h", "g"): 1.0 for i in range(items)}}
+        return BoardRow(name, name, "m", "s", (1,), (0,), 1, 1, None, {}, {}, verdicts=verdicts)
+
+    cache = RowCache(max_verdicts=10)  # a row costs 1 + its verdicts
+    cache.put("a", 1, row("a", 3))
+    cache.put("b", 1, row("b", 3))
+    assert cache.get("a", 1) is not None  # now the most recently used
+    cache.put("c", 1, row("c", 3))  # 12 > 10: "b" goes
+    assert cache.get("b", 1) is None and cache.get("a", 1) and cache.get("c", 1)
+    assert cache.get("a", 2) is None  # built from other runs: not this row
+    cache.put("a", 2, row("a", 3))  # a new stamp replaces the old row
+    assert len(cache) == 2 and cache.get("a", 1) is None and cache.get("a", 2) is not None
+    cache.put("huge", 1, row("huge", 10))  # larger than the bound: never held
+    assert cache.get("huge", 1) is None and len(cache) == 2
+    got = cache.get("a", 2)
+    got.rank = 1
+    assert cache.get("a", 2).rank is None  # a build's own fields never leak into the cache
+
+
+def test_row_cache_keeps_rows_apart_per_protocol_filter(seeded: Path) -> None:
+    """A row built under one protocol filter is never served under another."""
+    from moebench.board.row_cache import ROWS
+
+    url = f"sqlite:///{seeded}"
+    picked = BoardFilters(protocols=("llm-adapters/beam4",))
+    with open_store_readonly(url) as store:
+        build_board(store)
+        cached = build_board(store, picked)
+        ROWS.clear()
+        fresh = build_board(store, picked)
+    assert cached == fresh
+    assert "ifeval" not in fresh.score_columns() and "boolq" in fresh.score_columns()

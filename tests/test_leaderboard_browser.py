@@ -2,7 +2,7 @@
 
 Debian's chromium is driven by playwright through its executable path (`.ci/run` installs it);
 the test checks that the main table and the Pareto chart show the seeded values and saves a
-screenshot (docs/leaderboard.png is one of these).
+screenshot of each tab (docs/leaderboard.png and docs/leaderboard_charts.png are these).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,15 @@ def served(tmp_path: Path):
             proc.kill()
 
 
+def _wait(page: Any, selector: str, tmp_path: Path) -> None:
+    """Wait for `selector`; on a timeout, fail with a screenshot of what the page showed."""
+    try:
+        page.wait_for_selector(selector, timeout=WAIT_MS)
+    except playwright_api.TimeoutError:
+        page.screenshot(path=str(tmp_path / "timeout.png"))
+        raise AssertionError(f"no {selector}; see {tmp_path / 'timeout.png'}") from None
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run)")
 def test_table_and_chart_render_in_chromium(served, tmp_path: Path) -> None:
     base, url = served
@@ -82,19 +92,10 @@ def test_table_and_chart_render_in_chromium(served, tmp_path: Path) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(base, wait_until="networkidle")
-        try:
-            page.wait_for_selector("[data-testid='stDataFrame']", timeout=WAIT_MS)
-            page.wait_for_selector(".js-plotly-plot", timeout=WAIT_MS)
-        except playwright_api.TimeoutError:
-            page.screenshot(path=str(tmp_path / "timeout.png"))
-            raise AssertionError(f"no table or chart; see {tmp_path / 'timeout.png'}") from None
+        _wait(page, "[data-testid='stDataFrame']", tmp_path)
         page.wait_for_timeout(1500)
-        # The table's cells live in the grid's accessible table; the chart's data in its div.
+        # The table's cells live in the grid's accessible table.
         cells = page.locator("[data-testid='stDataFrame'] table td").all_inner_texts()
-        traces = page.evaluate(
-            "() => document.querySelector('.js-plotly-plot').data"
-            ".map(t => ({name: t.name, x: t.x, y: t.y}))"
-        )
         # The budget-matched view: out-of-band rows greyed, in-band rows ranked.
         target = page.get_by_label("Target trainable parameters (0: none)")
         target.fill("10000")
@@ -103,6 +104,16 @@ def test_table_and_chart_render_in_chromium(served, tmp_path: Path) -> None:
         page.wait_for_timeout(1500)
         shot = tmp_path / "leaderboard.png"
         page.screenshot(path=str(shot), full_page=False)
+        # The charts are drawn when their tab opens; a chart's data lives in its div.
+        page.get_by_role("tab", name="Charts").click()
+        _wait(page, ".js-plotly-plot", tmp_path)
+        page.wait_for_timeout(1500)
+        traces = page.evaluate(
+            "() => document.querySelector('.js-plotly-plot').data"
+            ".map(t => ({name: t.name, x: t.x, y: t.y}))"
+        )
+        charts_shot = tmp_path / "leaderboard_charts.png"
+        page.screenshot(path=str(charts_shot), full_page=False)
         browser.close()
     from moebench.store.readonly import open_store_readonly
 
@@ -117,7 +128,8 @@ def test_table_and_chart_render_in_chromium(served, tmp_path: Path) -> None:
     xs, ys = points["loracoe"]
     assert xs == [by["loracoe"].trainable_params]
     assert ys[0] == pytest.approx(100 * by["loracoe"].scores["overall"].mean)
-    assert shot.stat().st_size > 10_000
     keep = os.environ.get("MOEBENCH_SCREENSHOT_DIR")
-    if keep:
-        shutil.copy(shot, Path(keep) / "leaderboard.png")
+    for picture in (shot, charts_shot):
+        assert picture.stat().st_size > 10_000
+        if keep:
+            shutil.copy(picture, Path(keep) / picture.name)

@@ -6,10 +6,12 @@ name typed into the page cannot change a query.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, and_, select
+from sqlalchemy import Select, and_, func, select
 
 from moebench import store as db
 from moebench.comparisons import headline_metric
@@ -31,6 +33,7 @@ _RUN_COLUMNS = (
     "wall_time_s",
     "peak_memory_bytes",
     "last_step",
+    "updated_at",
 )
 
 
@@ -47,6 +50,25 @@ def _run_filter(filters: BoardFilters) -> Any:
     return and_(*clauses)
 
 
+def store_version(store: db.Store) -> tuple[Any, ...]:
+    """A value that changes whenever what the leaderboard reads changes: cache key, not a TTL.
+
+    A digest of every finished run's (id, `updated_at`): every write of a run's row, scores,
+    predictions or artifacts touches it, and a run that finishes, goes or comes changes the
+    set. Compared for equality, so a writer whose clock lags still moves it. With it, the
+    newest id of each results table, which a PostgreSQL sequence never reuses. A running job's
+    heartbeat changes none of these. One narrow scan of the runs (a few ms for 1,000).
+    """
+    latest = [select(func.max(t.c.id)).scalar_subquery() for t in (METRICS, PREDICTIONS, ARTIFACTS)]
+    done = select(RUNS.c.id, RUNS.c.updated_at).where(RUNS.c.status == "done")
+    digest = hashlib.sha256()
+    with store.session() as s:
+        newest = tuple(s.execute(select(*latest)).one())
+        for run_id, updated in _fetch_plain(s, done.order_by(RUNS.c.id)):
+            digest.update(f"{run_id} {updated}\n".encode())
+    return (digest.hexdigest(), *newest)
+
+
 def _rows(store: db.Store, stmt: Select[Any]) -> list[dict[str, Any]]:
     with store.session() as s:
         return [dict(r) for r in s.execute(stmt).mappings()]
@@ -58,13 +80,21 @@ def finished_runs(store: db.Store, filters: BoardFilters) -> list[dict[str, Any]
     return _rows(store, stmt)
 
 
-def headline_metrics(store: db.Store, filters: BoardFilters) -> dict[int, list[dict[str, Any]]]:
+def _of_runs(stmt: Select[Any], filters: BoardFilters, only: Collection[int] | None) -> Any:
+    """`stmt` on the finished runs inside the filters, and among `only` where given."""
+    stmt = stmt.join(RUNS, RUNS.c.id == stmt.selected_columns.run_id).where(_run_filter(filters))
+    return stmt if only is None else stmt.where(RUNS.c.id.in_(list(only)))
+
+
+def headline_metrics(
+    store: db.Store, filters: BoardFilters, only: Collection[int] | None = None
+) -> dict[int, list[dict[str, Any]]]:
     """run id -> its headline-metric rows (one joined query), inside the protocol filter."""
     m = METRICS
-    stmt = (
-        select(m.c.run_id, m.c.task, m.c.metric, m.c.protocol, m.c.value, m.c.n, m.c.stderr)
-        .join(RUNS, RUNS.c.id == m.c.run_id)
-        .where(_run_filter(filters))
+    stmt = _of_runs(
+        select(m.c.run_id, m.c.task, m.c.metric, m.c.protocol, m.c.value, m.c.n, m.c.stderr),
+        filters,
+        only,
     )
     if filters.protocols:
         stmt = stmt.where(m.c.protocol.in_(list(filters.protocols)))
@@ -75,14 +105,12 @@ def headline_metrics(store: db.Store, filters: BoardFilters) -> dict[int, list[d
     return out
 
 
-def budget_artifacts(store: db.Store, filters: BoardFilters) -> dict[int, dict[str, Any]]:
+def budget_artifacts(
+    store: db.Store, filters: BoardFilters, only: Collection[int] | None = None
+) -> dict[int, dict[str, Any]]:
     """run id -> its `budget` artifact (target, achieved and active parameters)."""
     a = ARTIFACTS
-    stmt = (
-        select(a.c.run_id, a.c.data)
-        .join(RUNS, RUNS.c.id == a.c.run_id)
-        .where(_run_filter(filters), a.c.name == "budget")
-    )
+    stmt = _of_runs(select(a.c.run_id, a.c.data).where(a.c.name == "budget"), filters, only)
     return {r["run_id"]: r["data"] for r in _rows(store, stmt) if isinstance(r["data"], dict)}
 
 

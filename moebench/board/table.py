@@ -22,13 +22,14 @@ from __future__ import annotations
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import numpy as np
 
 from moebench import store as db
 from moebench.board import load
+from moebench.board.row_cache import ROWS
 from moebench.comparisons import seed_free_config
 from moebench.errors import ConfigError
 from moebench.stats import SeedSummary, percentile_interval, summarize_seeds
@@ -158,19 +159,40 @@ def build_board(
     filters = filters or BoardFilters()
     if resamples < 100:
         raise ConfigError(f"resamples {resamples} is too few for a 95% interval; use >= 100.")
-    runs = load.finished_runs(store, filters)
-    groups = _group(runs)
-    metrics = load.headline_metrics(store, filters)
-    budgets = load.budget_artifacts(store, filters)
-    rows = [_row(key, members, metrics, budgets, filters) for key, members in groups.items()]
+    groups = _group(load.finished_runs(store, filters))
+    rows = _made_rows(store, groups, filters)
     rows = [r for r in rows if r.scores]
     if filters.target_params is not None:
         for r in rows:
             r.in_band = _within(r.trainable_params, filters.target_params, filters.band)
-    load.attach_verdicts(store, rows, filters)
     _compare_and_rank(rows, filters, resamples, seed)
     rows.sort(key=_display_order)
-    return Board(rows, filters, resamples)
+    # The per-item verdicts have served the paired tests; a caller keeps the numbers only.
+    # The rows' scores and protocols are shared with `ROWS`: read them, never change them.
+    return Board([replace(r, verdicts={}) for r in rows], filters, resamples)
+
+
+def _made_rows(
+    store: db.Store, groups: dict[str, list[dict[str, Any]]], filters: BoardFilters
+) -> list[BoardRow]:
+    """Each group's row with its verdicts: from `ROWS` where its runs are unchanged since it was
+    built, else built now, reading the results of those groups' runs only."""
+    stamps = {
+        key: tuple((r["id"], r["updated_at"]) for r in members) for key, members in groups.items()
+    }
+    where = (store.url, filters.protocols)
+    made = {key: ROWS.get((*where, key), stamp) for key, stamp in stamps.items()}
+    todo = [key for key, row in made.items() if row is None]
+    if todo:
+        only = None if len(todo) == len(groups) else [r["id"] for k in todo for r in groups[k]]
+        metrics = load.headline_metrics(store, filters, only)
+        budgets = load.budget_artifacts(store, filters, only)
+        fresh = [_row(key, groups[key], metrics, budgets, filters) for key in todo]
+        load.attach_verdicts(store, fresh, filters)
+        for row in fresh:
+            ROWS.put((*where, row.key), stamps[row.key], row)
+            made[row.key] = row
+    return cast("list[BoardRow]", list(made.values()))
 
 
 def _group(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -39,6 +39,7 @@ from moebench.store.tables import (
     Run,
     RunArtifact,
     TrainingStep,
+    utcnow,
 )
 
 RUNS: Table = Run.__table__  # type: ignore[assignment]
@@ -179,6 +180,16 @@ def _replace_rows(
     session.execute(insert(table), [{**row, "run_id": run_id} for row in rows])
 
 
+def _touch(session: Session, run_id: int) -> None:
+    """Mark the run changed (its `updated_at`) with its results.
+
+    A reader that caches what it computed from a run's results (the leaderboard's table and
+    rows) checks the runs' `updated_at` instead of every results table: SQLite reuses the ids
+    of deleted rows, so replaced scores can leave a results table's ids and count as they were.
+    """
+    session.execute(update(RUNS).where(RUNS.c.id == run_id).values(updated_at=utcnow()))
+
+
 def _select_dicts(session: Session, stmt: Any) -> list[dict[str, Any]]:
     return [dict(row) for row in session.execute(stmt).mappings()]
 
@@ -297,6 +308,7 @@ def add_metrics(store: Store, run_id: int, rows: Iterable[Mapping[str, Any]]) ->
     with store.session() as session:
         _require_run(session, store, run_id)
         _replace_rows(session, METRICS, run_id, clean, _METRIC_KEY)
+        _touch(session, run_id)
 
 
 def add_predictions(store: Store, run_id: int, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -305,6 +317,7 @@ def add_predictions(store: Store, run_id: int, rows: Iterable[Mapping[str, Any]]
     with store.session() as session:
         _require_run(session, store, run_id)
         _replace_rows(session, PREDICTIONS, run_id, clean, _PREDICTION_KEY)
+        _touch(session, run_id)
 
 
 def log_steps(store: Store, run_id: int, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -378,6 +391,7 @@ def put_artifact(store: Store, run_id: int, name: str, data: Any) -> None:
     with store.session() as session:
         _require_run(session, store, run_id)
         _replace_rows(session, ARTIFACTS, run_id, [row], ("name",))
+        _touch(session, run_id)
 
 
 def get_artifacts(store: Store, run_id: int) -> dict[str, Any]:
