@@ -43,13 +43,13 @@ def store_or_stop() -> Store:
 def board(url: str, filters: BoardFilters) -> Board:
     """The main table for `filters`, recomputed only when the store has changed since.
 
-    Keyed on `store_version` (a few index lookups), not a time-to-live: a run that finishes
+    Keyed on `store_version` (one narrow scan of the runs), not a time-to-live: a run that finishes
     under a sweep shows at the next visit, and an unchanged store is never recomputed.
     """
     return _board(url, filters, store_version(_open(url)))
 
 
 @st.cache_data(max_entries=CACHED_VIEWS, show_spinner=False)
-def _board(url: str, filters: BoardFilters, version: tuple[object, ...]) -> Board:
+def _board(url: str, filters: BoardFilters, version: tuple[int, str]) -> Board:
     """`version` is unused here: it is in the arguments so that it is in the cache key."""
     return build_board(_open(url), filters)

@@ -150,7 +150,7 @@ if not view.rows:
 
 score_cols = view.score_columns()
 # Only the open tab runs (on_change="rerun"), so the table never waits on plotly.js: its first
-# evaluation in a browser takes about a second (BENCHMARKS.md, leaderboard load time).
+# evaluation in a browser takes 0.7-0.8 s (BENCHMARKS.md, leaderboard load time).
 table_tab, charts_tab = st.tabs(["Table", "Charts"], key="view", on_change="rerun")
 if table_tab.open:
     with table_tab:

@@ -169,7 +169,13 @@ def _validate_status(status: str) -> None:
 def _replace_rows(
     session: Session, table: Table, run_id: int, rows: list[dict[str, Any]], key: Sequence[str]
 ) -> None:
-    """Delete the rows of `run_id` sharing a key with `rows`, then bulk-insert `rows`."""
+    """Delete the rows of `run_id` sharing a key with `rows`, bulk-insert `rows`, and mark the
+    run changed (its `updated_at`).
+
+    A reader that caches what it computed from a run's results (the leaderboard's table and
+    rows) checks the runs' `updated_at` instead of every results table: SQLite reuses the ids
+    of deleted rows, so replaced scores can leave a results table's ids and count as they were.
+    """
     if not rows:
         return
     match = [table.c.run_id == run_id]
@@ -178,15 +184,6 @@ def _replace_rows(
         delete(table).where(*match), [{f"key_{k}": row[k] for k in key} for row in rows]
     )
     session.execute(insert(table), [{**row, "run_id": run_id} for row in rows])
-
-
-def _touch(session: Session, run_id: int) -> None:
-    """Mark the run changed (its `updated_at`) with its results.
-
-    A reader that caches what it computed from a run's results (the leaderboard's table and
-    rows) checks the runs' `updated_at` instead of every results table: SQLite reuses the ids
-    of deleted rows, so replaced scores can leave a results table's ids and count as they were.
-    """
     session.execute(update(RUNS).where(RUNS.c.id == run_id).values(updated_at=utcnow()))
 
 
@@ -308,7 +305,6 @@ def add_metrics(store: Store, run_id: int, rows: Iterable[Mapping[str, Any]]) ->
     with store.session() as session:
         _require_run(session, store, run_id)
         _replace_rows(session, METRICS, run_id, clean, _METRIC_KEY)
-        _touch(session, run_id)
 
 
 def add_predictions(store: Store, run_id: int, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -317,7 +313,6 @@ def add_predictions(store: Store, run_id: int, rows: Iterable[Mapping[str, Any]]
     with store.session() as session:
         _require_run(session, store, run_id)
         _replace_rows(session, PREDICTIONS, run_id, clean, _PREDICTION_KEY)
-        _touch(session, run_id)
 
 
 def log_steps(store: Store, run_id: int, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -391,7 +386,6 @@ def put_artifact(store: Store, run_id: int, name: str, data: Any) -> None:
     with store.session() as session:
         _require_run(session, store, run_id)
         _replace_rows(session, ARTIFACTS, run_id, [row], ("name",))
-        _touch(session, run_id)
 
 
 def get_artifacts(store: Store, run_id: int) -> dict[str, Any]:
