@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import streamlit as st
 
 from moebench.board.load import store_version
@@ -15,7 +18,8 @@ _WHAT_TO_RUN = {
     "missing": "`moebench run ...` or `moebench sweep FILE` records runs; "
     "`moebench leaderboard --db FILE` reads another store.",
     "empty": "`moebench run ...` or `moebench sweep FILE` records runs in it.",
-    "corrupt": "restore the file from a copy, or `moebench leaderboard --db FILE` another store.",
+    "corrupt": "restore the file from a copy, or open another store with "
+    "`moebench leaderboard --db FILE`.",
     "newer": "`pip install -U moebench`, then reopen the leaderboard.",
     "older": "any writing command (e.g. `moebench runs list`) migrates it; then reopen.",
     "unreachable": "check the server and the URL given to `--db`.",
@@ -53,3 +57,34 @@ def board(url: str, filters: BoardFilters) -> Board:
 def _board(url: str, filters: BoardFilters, version: tuple[int, str]) -> Board:
     """`version` is unused here: it is in the arguments so that it is in the cache key."""
     return build_board(_open(url), filters)
+
+
+_KEPT = "kept:"  # prefix of the plain session keys that mirror widget values
+
+
+def kept(
+    widget: Callable[..., Any],
+    key: str,
+    default: Any,
+    options: Sequence[Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """`widget(key=key, ...)` drawn with the value it had when it was last drawn.
+
+    Streamlit forgets a widget's value on any run that does not draw it: the Charts tab's runs
+    skip the table's column picker, and the Run and Jobs pages skip the leaderboard's filters.
+    A plain session key is never forgotten, so the value is mirrored there and put back
+    before the widget is drawn (restricted to `options`, which may have changed since).
+    """
+    state = st.session_state
+    value = state.get(key, state.get(_KEPT + key, default))
+    if options is not None:
+        if isinstance(value, list):
+            value = [v for v in value if v in options]
+        elif value not in options:
+            value = default
+        kwargs["options"] = options
+    state[key] = value
+    shown = widget(key=key, **kwargs)
+    state[_KEPT + key] = shown
+    return shown

@@ -28,6 +28,9 @@ How it is measured:
   to an unchanged store (the cached table), or to the copy with one run rescored before each.
   The floor, timed the same way in the same run: a bare Streamlit page with a three-row table,
   no store, with and without two plotly charts; what is left above it is the leaderboard's own.
+  Paired rounds, the figure to read the leaderboard's own cost from: the floor and the
+  leaderboard are served side by side and visited in turn, so the machine's drift (here
+  +/-0.3 s over minutes) falls on both; the median of the per-round differences is reported.
 * Baseline in the same run: the same pages on the 20-run store of the tests, so the ratio says
   how much the size costs.
 """
@@ -43,9 +46,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,6 +59,7 @@ from moebench import store as db  # noqa: E402
 
 SETS = ("boolq", "piqa", "gsm8k", "svamp", "ifeval")
 ITEMS = 40
+VIEWPORT = {"width": 1600, "height": 1000}
 
 
 def seed_large(path: Path) -> None:
@@ -198,6 +204,32 @@ class Visits:
         return f"{statistics.median(rest):.2f} s ({', '.join(f'{t:.2f}' for t in rest)})"
 
 
+@contextmanager
+def _served(url: str | None, *, charts: bool = False) -> Iterator[str]:
+    """A running server (see `_serve`), its base URL yielded once it answers."""
+    from tests.test_leaderboard_browser import _free_port, _wait_healthy
+
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as scratch:
+        proc = _serve(url, port, Path(scratch), charts=charts)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(base, proc)
+            yield base
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _visit(context: Any, base: str) -> tuple[float, Any]:
+    """Seconds from navigation to the main table on screen, in a new tab (a new session)."""
+    tab = context.new_page()
+    start = time.perf_counter()
+    tab.goto(base)
+    tab.wait_for_selector("[data-testid='stDataFrame']", timeout=120_000)
+    return time.perf_counter() - start, tab
+
+
 def time_browser(
     url: str | None,
     repeats: int,
@@ -210,39 +242,52 @@ def time_browser(
     clicked. `url` None: the floor app, its table (and charts, if any) from navigation."""
     from playwright.sync_api import sync_playwright
 
-    from tests.test_leaderboard_browser import CHROMIUM, _free_port, _wait_healthy
+    from tests.test_leaderboard_browser import CHROMIUM
 
-    port = _free_port()
-    scratch = tempfile.TemporaryDirectory()
-    proc = _serve(url, port, Path(scratch.name), charts=charts)
-    base = f"http://127.0.0.1:{port}"
     visits = Visits()
-    try:
-        _wait_healthy(base, proc)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-            context = browser.new_context(viewport={"width": 1600, "height": 1000})
-            for _ in range(repeats + 1):
-                if before is not None:
-                    before()
-                tab = context.new_page()
+    with _served(url, charts=charts) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        context = browser.new_context(viewport=VIEWPORT)
+        for _ in range(repeats + 1):
+            if before is not None:
+                before()
+            start = time.perf_counter()  # the floor's charts are timed from navigation
+            seconds, tab = _visit(context, base)
+            visits.table.append(seconds)
+            if url is not None:
                 start = time.perf_counter()
-                tab.goto(base)
-                tab.wait_for_selector("[data-testid='stDataFrame']", timeout=120_000)
-                visits.table.append(time.perf_counter() - start)
-                if url is not None:
-                    start = time.perf_counter()
-                    tab.get_by_role("tab", name="Charts").click()
-                if url is not None or charts:
-                    tab.locator(".js-plotly-plot").nth(1).wait_for(timeout=120_000)
-                    visits.charts.append(time.perf_counter() - start)
-                tab.close()
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        scratch.cleanup()
+                tab.get_by_role("tab", name="Charts").click()
+            if url is not None or charts:
+                tab.locator(".js-plotly-plot").nth(1).wait_for(timeout=120_000)
+                visits.charts.append(time.perf_counter() - start)
+            tab.close()
+        browser.close()
     return visits
+
+
+def time_paired(url: str, rounds: int) -> tuple[list[float], list[float]]:
+    """(floor, leaderboard) seconds to the table, the two servers up side by side and visited
+    in turn, floor then leaderboard, `rounds` times after one untimed round. This VM's speed
+    drifts by +/-0.3 s over minutes; visits a few seconds apart share the drift, so the
+    per-round difference is the leaderboard's own cost above a bare Streamlit page."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_leaderboard_browser import CHROMIUM
+
+    floor: list[float] = []
+    board: list[float] = []
+    with _served(None) as floor_base, _served(url) as board_base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        contexts = [browser.new_context(viewport=VIEWPORT) for _ in range(2)]
+        for i in range(rounds + 1):
+            for times, context, base in ((floor, contexts[0], floor_base),
+                                         (board, contexts[1], board_base)):  # fmt: skip
+                seconds, tab = _visit(context, base)
+                tab.close()
+                if i:
+                    times.append(seconds)
+        browser.close()
+    return floor, board
 
 
 def _line(name: str, big: list[float], base: list[float], limit: float) -> str:
@@ -261,6 +306,7 @@ def _browser_report(big_url: str, small: str, scratch_db: Path, repeats: int) ->
     small_visits = time_browser(small, repeats)
     floor = time_browser(None, repeats)
     floor_charts = time_browser(None, repeats, charts=True)
+    paired_floor, paired_board = time_paired(big_url, 3 * repeats)
     print(f"chromium, first visit after the server's start: table {unchanged.table[0]:.2f} s")
     for name, v in (("store unchanged", unchanged), ("one run rescored before each", changed)):
         verdict = "meets" if statistics.median(v.table[1:]) < 2.0 else "MISSES"
@@ -274,6 +320,28 @@ def _browser_report(big_url: str, small: str, scratch_db: Path, repeats: int) ->
         f"two plotly charts: table {floor_charts.then(floor_charts.table)}, charts "
         f"{floor_charts.then(floor_charts.charts)}"
     )
+    excess = [b - f for f, b in zip(paired_floor, paired_board, strict=True)]
+    print(
+        f"chromium, paired rounds (floor then leaderboard, store unchanged), {len(excess)} "
+        f"rounds: floor {statistics.median(paired_floor):.2f} s, leaderboard "
+        f"{statistics.median(paired_board):.2f} s, leaderboard minus floor median "
+        f"{statistics.median(excess):+.2f} s (quartiles {_quartiles(excess)})"
+    )
+
+
+def _quartiles(values: list[float]) -> str:
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{q1:+.2f}, {q3:+.2f}"
+
+
+def _cpu_model() -> str | None:
+    """The processor's name from /proc/cpuinfo (Linux), which `platform` does not give."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    return names[0] if names else None
 
 
 def main() -> None:
@@ -294,7 +362,7 @@ def main() -> None:
     shutil.copy(args.db, scratch_db)
     with db.open_store(f"sqlite:///{args.db}") as store:
         n_runs = len(db.list_runs(store, limit=None))
-    machine = f"{platform.node()} {platform.processor() or platform.machine()}"
+    machine = f"{platform.node()} {_cpu_model() or platform.machine()}"
     print(f"machine: {machine}, {os.cpu_count()} cpus; load {os.getloadavg()[0]:.1f}")
     print(f"store: {n_runs} runs")
     big_url = f"sqlite:///{args.db}"

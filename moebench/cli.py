@@ -19,6 +19,7 @@ from rich.table import Table
 
 from moebench.cli_progress import ProgressObserver, progress_bars
 from moebench.config import load_file, parse_sets
+from moebench.digits import pct_text
 from moebench.errors import ConfigError, MoebenchError
 
 app = typer.Typer(
@@ -301,8 +302,8 @@ def _print_metrics(db: str | None, run_id: int) -> None:
         table.add_row(
             m["task"],
             m["metric"],
-            f"{100 * m['value']:.2f}",
-            f"{100 * m['stderr']:.2f}" if m["stderr"] is not None else "",
+            pct_text(m["value"]),
+            pct_text(m["stderr"]) if m["stderr"] is not None else "",
             str(m["n"]),
             f"{100 * fail:.1f}%" if fail is not None else "",
             m["protocol"],
@@ -749,17 +750,17 @@ def _paired_cells(r: Any, *, per_item: bool) -> list[str]:
 
     def acc(p: float) -> str:
         # A mean over sets is not one binomial proportion: no ± for it.
-        return (
-            f"{100 * p:.2f} ± {100 * binomial_stderr(p, r.n):.2f}" if per_item else f"{100 * p:.2f}"
-        )
+        if not per_item:
+            return pct_text(p)
+        return f"{pct_text(p)} ± {pct_text(binomial_stderr(p, r.n))}"
 
     verdict = "B better" if r.low > 0 else "A better" if r.high < 0 else "no clear difference"
     return [
         str(r.n),
         acc(r.acc_a),
         acc(r.acc_b),
-        f"{100 * r.diff:+.2f}",
-        f"[{100 * r.low:+.2f}, {100 * r.high:+.2f}]",
+        pct_text(r.diff, sign=True),
+        f"[{pct_text(r.low, sign=True)}, {pct_text(r.high, sign=True)}]",
         # No resample as far from the observed difference as 0 is: B resamples resolve no lower.
         f"<={1 / (r.samples.size + 1):.1e}"
         if r.p_bootstrap <= 1 / (r.samples.size + 1)
@@ -810,11 +811,11 @@ def runs_summary(
                 row.task,
                 row.metric,
                 ", ".join(map(str, row.seeds)),
-                f"{100 * m.mean:.2f}",
-                f"{100 * m.std:.2f}" if m.std is not None else "",
-                f"[{100 * m.low:.2f}, {100 * m.high:.2f}]" if m.low is not None else "one seed",
-                f"{100 * row.binomial_se:.2f}" if row.binomial_se is not None else "",
-                ", ".join(f"{100 * v:.2f}" for v in row.values),
+                pct_text(m.mean),
+                pct_text(m.std) if m.std is not None else "",
+                f"[{pct_text(m.low)}, {pct_text(m.high)}]" if m.low is not None else "one seed",
+                pct_text(row.binomial_se) if row.binomial_se is not None else "",
+                ", ".join(pct_text(v) for v in row.values),
                 row.protocol,
             )
         console.print(table)

@@ -15,6 +15,7 @@ import typer
 
 from moebench.cli import DbOpt, app, console
 from moebench.errors import ConfigError
+from moebench.paths import output_file
 
 APP_ENTRY = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 _SUFFIX = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
@@ -66,6 +67,10 @@ def leaderboard(
 
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port; use 1 to 65535.")
+    if not 0 < band < 100:
+        raise ConfigError(
+            f"--band {band:g} is not a budget band; give a percentage above 0 and below 100."
+        )
     filters = BoardFilters(
         models=tuple(model or ()),
         suites=tuple(suite or ()),
@@ -88,12 +93,15 @@ def leaderboard(
 
 
 def streamlit_command(entry: Path, port: int, address: str) -> list[str]:
-    """The Streamlit server for `entry`: headless, no usage stats (the leaderboard's benchmark
-    serves its floor page with the same flags, so the two are timed alike)."""
+    """The Streamlit server for `entry`: headless, no usage stats, and the toolbar a reader
+    needs (no Deploy or cache buttons: whoever opens the board reads it, never develops it).
+    The leaderboard's benchmark serves its floor page with the same flags, so the two are
+    timed alike."""
     return [
         sys.executable, "-m", "streamlit", "run", str(entry),
         "--server.port", str(port), "--server.address", address,
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "viewer",
     ]  # fmt: skip
 
 
@@ -107,12 +115,15 @@ def _export(url: str, filters: object, path: Path) -> None:
             f"--export {path}: unknown format '{path.suffix or '(none)'}'; use one of "
             f"{', '.join(FORMATS)}."
         )
+    output_file(path, "--export")
     with open_store_readonly(url) as store:
         board = build_board(store, filters)  # type: ignore[arg-type]
     rows = board.rows if path.suffix.lower() == ".csv" else [r for r in board.rows if r.in_band]
     charts = _html_charts(board) if path.suffix.lower() == ".html" else []
     write_export(path, records(board, rows=rows), board.score_columns(), charts)
     console.print(f"wrote {len(rows)} rows to {path}")
+    if board.band_note():
+        console.print(board.band_note())
 
 
 def _html_charts(board: object) -> list[str]:
@@ -132,10 +143,12 @@ def _html_charts(board: object) -> list[str]:
 
 def export_bundle_command(db: str | None, path: Path, run_ids: list[int] | None) -> None:
     """`moebench export --bundle FILE`: every record of the runs, for `moebench import`."""
-    from moebench.store import open_store
     from moebench.store.bundle import export_bundle
+    from moebench.store.readonly import open_store_readonly
 
-    with open_store(db) as store:
+    output_file(path, "--bundle")
+    # Read-only: a mistyped --db is refused instead of created empty and exported as 0 runs.
+    with open_store_readonly(db) as store:
         n = export_bundle(store, path, run_ids or None)
     console.print(f"wrote {n} runs to {path}")
 

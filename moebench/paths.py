@@ -26,6 +26,19 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def output_file(path: Path, option: str) -> Path:
+    """`path`, checked before anything is computed: a file can be written there only if its
+    folder exists and it is not itself a folder (`option` names the flag in the message)."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name inside it.")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"{option} {path}: the folder {path.parent} does not exist; create it or give a "
+            "path in an existing folder."
+        )
+    return path
+
+
 # --- each run's own output folder ------------------------------------------------------------
 
 MARKER = ".moebench-run.json"

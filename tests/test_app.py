@@ -304,3 +304,51 @@ def test_run_page_shows_stored_importance_and_compares_runs(monkeypatch, tmp_pat
     assert len(_chart_traces(at, "Figure 2")) == 4
     at.selectbox(key="run_a").set_value(done["loramoe"]).run()
     assert any("moebench analyze importance" in i.value for i in at.info)
+
+
+def test_choices_outlive_the_charts_tab_and_other_pages(monkeypatch, seeded: Path) -> None:
+    """Streamlit forgets a widget's value on a run that does not draw it; the column picker,
+    the sort and the filters must not reset when the reader opens Charts or another page."""
+    at = _app(monkeypatch, f"sqlite:///{seeded}")
+    at.multiselect(key="f_method").set_value(["lora", "loracoe", "mixlora"]).run()
+    at.number_input(key="f_target").set_value(10_000).run()
+    at.multiselect(key="t_columns").set_value(["method", "overall"]).run()
+    at.selectbox(key="t_sort").set_value("overall").run()
+    expected = _frame(at, "overall")
+    assert list(expected.columns) == ["method", "overall"]
+    at.session_state["view"] = "Charts"
+    at.run()
+    assert not at.dataframe
+    at.session_state["view"] = "Table"
+    at.run()
+    assert _frame(at, "overall").equals(expected)
+    at.switch_page("pages/jobs.py").run()
+    at.switch_page("pages/leaderboard.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.multiselect(key="f_method").value == ["lora", "loracoe", "mixlora"]
+    assert at.number_input(key="f_target").value == 10_000
+    assert _frame(at, "overall").equals(expected)
+
+
+def test_a_target_with_no_row_in_its_band_names_the_nearest_budgets(
+    monkeypatch, seeded: Path
+) -> None:
+    at = _app(monkeypatch, f"sqlite:///{seeded}")
+    at.number_input(key="f_target").set_value(1_000_000).run()
+    budgets = sorted({plan[1] for plan in PLAN.values()}, key=lambda b: abs(b - 1_000_000))[:3]
+    note = " ".join(w.value for w in at.warning)
+    assert "No row is within ±5% of 1,000,000 trainable parameters" in note
+    assert ", ".join(f"{b:,}" for b in sorted(budgets)) in note
+
+
+def test_run_page_opens_the_newest_finished_run_and_names_it_in_the_address(
+    monkeypatch, seeded: Path
+) -> None:
+    (newest,) = _sql(seeded, "SELECT MAX(id) FROM runs")[0]
+    (newest_done,) = _sql(seeded, "SELECT MAX(id) FROM runs WHERE status = 'done'")[0]
+    assert newest != newest_done  # the seeded store ends with a failed and a queued run
+    at = _app(monkeypatch, f"sqlite:///{seeded}", "pages/run.py")
+    assert at.selectbox(key="run_a").value == newest_done
+    assert at.query_params["run"] == str(newest_done)
+    at.selectbox(key="run_a").set_value(newest).run()
+    assert at.query_params["run"] == str(newest)

@@ -80,3 +80,49 @@ def test_unknown_run_is_refused(tmp_path: Path, run_ids: list[str]) -> None:
     )
     assert result.exit_code != 0
     assert "no such run" in str(result.exception) + result.output
+
+
+def _runs_in(url: str) -> int:
+    with db.open_store(url) as store:
+        return len(db.list_runs(store, limit=None))
+
+
+@pytest.mark.parametrize("cut", ["mid-stream", "whole-line"])
+def test_a_truncated_bundle_adds_nothing(tmp_path: Path, cut: str) -> None:
+    """Truncation is caught before any run is written: by gzip mid-stream, by the header's run
+    count where whole lines are missing."""
+    source = seed_store(tmp_path / "cluster.db")
+    bundle = tmp_path / "runs.bundle.gz"
+    _cli("export", "--db", source, "--bundle", str(bundle))
+    bad = tmp_path / "cut.gz"
+    if cut == "mid-stream":
+        bad.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
+        expected = "not a readable moebench bundle"
+    else:
+        with gzip.open(bundle, "rt") as f:
+            lines = f.readlines()
+        with gzip.open(bad, "wt") as f:
+            f.writelines(lines[:-1])
+        expected = f"holds {len(lines) - 2} of the {len(lines) - 1} runs"
+    target = f"sqlite:///{tmp_path / 'laptop.db'}"
+    db.open_store(target).close()  # an existing, empty store
+    result = CliRunner().invoke(app, ["import", str(bad), "--db", target])
+    assert result.exit_code != 0
+    assert expected in str(result.exception) + result.output
+    assert _runs_in(target) == 0
+
+
+def test_export_refuses_a_missing_store_and_a_missing_folder(tmp_path: Path) -> None:
+    """A mistyped --db is not created (and exported as 0 runs); a missing folder is named."""
+    nothere = tmp_path / "nothere.db"
+    result = CliRunner().invoke(
+        app, ["export", "--db", str(nothere), "--bundle", str(tmp_path / "b.gz")]
+    )
+    assert result.exit_code != 0 and not nothere.exists() and not (tmp_path / "b.gz").exists()
+    assert "There is no results database at" in str(result.exception) + result.output
+    source = seed_store(tmp_path / "a.db")
+    result = CliRunner().invoke(
+        app, ["export", "--db", source, "--bundle", str(tmp_path / "no" / "b.gz")]
+    )
+    assert result.exit_code != 0
+    assert f"the folder {tmp_path / 'no'} does not exist" in str(result.exception) + result.output

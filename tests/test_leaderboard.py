@@ -383,3 +383,46 @@ def test_row_cache_keeps_rows_apart_per_protocol_filter(seeded: Path) -> None:
         fresh = build_board(store, picked)
     assert cached == fresh
     assert "ifeval" not in fresh.score_columns() and "boolq" in fresh.score_columns()
+
+
+def test_pareto_chart_tells_models_apart_and_fronts_follow_the_ranking_groups() -> None:
+    """Shape by model, faded outside the band, one front per (model, suite): the groups the
+    table ranks within, so a front never mixes suites."""
+    from moebench.board.charts import OUT_OF_BAND_OPACITY, accuracy_vs_params
+    from moebench.board.table import BoardRow
+    from moebench.stats import SeedSummary
+
+    def row(method: str, model: str, suite: str, params: int, score: float, in_band: bool):
+        summary = SeedSummary(1, score, None, None, None)
+        return BoardRow(
+            f"{method}/{model}/{suite}", method, model, suite, (1,), (0,), params, 10**6, None,
+            {}, {"overall": summary}, in_band=in_band,
+        )  # fmt: skip
+
+    rows = [
+        row(method, model, suite, params, score, params < 25_000)
+        for model in ("m-a", "m-b")
+        for suite in ("s-1", "s-2")
+        for method, params, score in (("lora", 10_000, 0.5), ("mixlora", 30_000, 0.6))
+    ]
+    rows[0].scores["overall"] = SeedSummary(1, 0.7, None, None, None)  # m-a/s-1: lora dominates
+    fig = accuracy_vs_params(rows)
+    points = [t for t in fig.data if t.mode == "markers"]
+    fronts = {t.name: list(zip(t.x, t.y, strict=True)) for t in fig.data if t.mode == "lines"}
+    for t in points:
+        faded = t.opacity == OUT_OF_BAND_OPACITY
+        members = [r for r in rows if r.method == t.name and r.in_band != faded]
+        assert list(t.x) == [r.trainable_params for r in members]
+        shapes = {r.model: s for r, s in zip(members, t.marker.symbol, strict=True)}
+        assert shapes["m-a"] != shapes["m-b"]
+    assert sorted((t.name, t.opacity) for t in points) == [
+        ("lora", 1.0),
+        ("mixlora", OUT_OF_BAND_OPACITY),
+    ]
+    assert set(fronts) == {
+        f"Pareto front ({m}, {s})" for m in ("m-a", "m-b") for s in ("s-1", "s-2")
+    }
+    for name, front in fronts.items():
+        expected = [(10_000, 70.0)] if "m-a, s-1" in name else [(10_000, 50.0), (30_000, 60.0)]
+        assert [x for x, _ in front] == [x for x, _ in expected], name
+        assert [y for _, y in front] == pytest.approx([y for _, y in expected]), name

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from moebench.board.table import BoardFilters, build_board
+from moebench.digits import fixed
 from tests.test_leaderboard_data import seed_store
 
 # Generous: a first render on a loaded 2-core CI machine imports streamlit, plotly and numpy.
@@ -133,3 +134,16 @@ def test_table_and_chart_render_in_chromium(served, tmp_path: Path) -> None:
         assert picture.stat().st_size > 10_000
         if keep:
             shutil.copy(picture, Path(keep) / picture.name)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run)")
+def test_fixed_writes_what_the_browser_writes() -> None:
+    """`moebench.digits.fixed` against the grid's own rule in chromium: Streamlit's dataframe
+    formats `%.2f` with sprintf-js, whose `f` is JavaScript's `toFixed`."""
+    values = [k / 8 for k in range(-400, 401)] + [1.005, 8.345, 0.285, -2.675, 99.995, 1e-7]
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page()
+        written = page.evaluate("vs => vs.map(v => [v.toFixed(2), v.toFixed(3)])", values)
+        browser.close()
+    assert [[fixed(v, 2), fixed(v, 3)] for v in values] == written

@@ -72,12 +72,28 @@ def test_markdown_latex_html(seeded: Path, tmp_path: Path) -> None:
     )
 
 
+def test_paper_tables_round_a_tie_as_the_page_does(seeded: Path, tmp_path: Path) -> None:
+    """mixlora's math average is 48.125 (385/8): the page's grid writes 48.13 (toFixed, see
+    test_leaderboard_browser), so the Markdown and LaTeX must too, not Python's even 48.12."""
+    text = _export(seeded, tmp_path / "v.csv")
+    rows = {r["method"]: r for r in csv.DictReader(text.splitlines())}
+    assert float(rows["mixlora"]["math_avg"]) == 48.125
+    md = _export(seeded, tmp_path / "v.md")
+    header = next(ln for ln in md.splitlines() if ln.startswith("| Rank"))
+    mix = next(ln for ln in md.splitlines() if "| mixlora |" in ln)
+    cell = mix.split(" | ")[header.split(" | ").index("math_avg")]
+    assert cell.startswith("48.13 ± ")
+    assert "48.13" in _export(seeded, tmp_path / "v.tex").split("mixlora")[1].split("\\\\")[0]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--export", "v.txt"], "unknown format '.txt'"),
         (["--export", "v.csv", "--target", "lots"], "not a parameter count"),
-        (["--export", "v.csv", "--band", "0"], "budget band"),
+        (["--export", "v.csv", "--band", "0"], "--band 0 is not a budget band; give a percentage"),
+        (["--export", "v.csv", "--band", "100"], "--band 100 is not a budget band"),
+        (["--export", "no/such/folder/v.csv"], "the folder no/such/folder does not exist"),
         (["--port", "0"], "--port 0 is not a TCP port"),
     ],
 )

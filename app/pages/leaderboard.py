@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from board_support import board, store_or_stop
+from board_support import board, kept, store_or_stop
 
 from moebench.board import charts
 from moebench.board.export import records, to_csv, to_latex, to_markdown
@@ -13,6 +13,7 @@ from moebench.board.runs import filter_options
 from moebench.board.table import DEFAULT_BAND, OVERALL, Board, BoardFilters
 
 BAR_ROWS = 12
+BAND_MAX_PCT = 99  # the widest band the slider offers; `--band` takes up to 99.x %
 
 
 def main_table(view: Board, score_cols: list[str]) -> None:
@@ -22,8 +23,12 @@ def main_table(view: Board, score_cols: list[str]) -> None:
     default = identity + [c for c in score_cols if c.endswith("_avg")]
     default += [OVERALL, f"{OVERALL}_low", f"{OVERALL}_high", "vs_lora", "vs_lora_verdict"]
     default = [c for c in default if c in frame.columns]
-    shown = st.multiselect("Columns", list(frame.columns), default=default)
-    sort_by = st.selectbox("Sort by", ["rank", *[c for c in shown if c != "rank"]])
+    # In a popover: its widgets are drawn only when it is opened, and 14 column chips above the
+    # table cost its first paint about 0.1 s (BENCHMARKS.md, leaderboard load time).
+    with st.popover("Columns and sort"):
+        shown = kept(st.multiselect, "t_columns", default, list(frame.columns), label="Columns")
+        sort_options = ["rank", *[c for c in shown if c != "rank"]]
+        sort_by = kept(st.selectbox, "t_sort", "rank", sort_options, label="Sort by")
     # In-band rows first; names and ranks ascending, scores descending.
     ascending = sort_by in ("rank", "method", "model", "suite")
     frame = frame.sort_values(
@@ -40,7 +45,9 @@ def main_table(view: Board, score_cols: list[str]) -> None:
         )
     )
     target = view.filters.target_params
-    if target:
+    if view.band_note():
+        st.warning(view.band_note())
+    elif target:
         st.caption(
             f"Compared: rows within ±{view.filters.band:.0%} of {target:,} trainable "
             "parameters; others are greyed, their budget shown."
@@ -74,12 +81,14 @@ def _formats(table: pd.DataFrame, score_cols: list[str]) -> dict[str, object]:
 def _downloads(view: Board, score_cols: list[str]) -> None:
     """CSV of every row, Markdown and LaTeX of the in-band rows; each built when clicked."""
     in_band = [r for r in view.rows if r.in_band]
-    c1, c2, c3 = st.columns(3)
-    c1.download_button("CSV", lambda: to_csv(records(view)), "leaderboard.csv", "text/csv")
-    c2.download_button(
+    row = st.container(horizontal=True)
+    row.download_button(
+        "CSV", lambda: to_csv(records(view), score_cols), "leaderboard.csv", "text/csv"
+    )
+    row.download_button(
         "Markdown", lambda: to_markdown(records(view, rows=in_band), score_cols), "leaderboard.md"
     )
-    c3.download_button(
+    row.download_button(
         "LaTeX", lambda: to_latex(records(view, rows=in_band), score_cols), "leaderboard.tex"
     )
 
@@ -104,12 +113,21 @@ def main_charts(view: Board, score_cols: list[str]) -> None:
     """Pareto front, per-set bars of the best in-band rows, and cost charts where measured."""
     st.subheader("Accuracy against trainable parameters")
     st.plotly_chart(charts.accuracy_vs_params(view.rows), key="pareto")
+    shapes = charts.model_symbols(view.rows)
+    note = "Faded: outside the budget band. " if view.filters.target_params else ""
+    if len(shapes) > 1:
+        note += "Marker shape by model: " + ", ".join(f"{m} {s}" for m, s in shapes.items()) + "."
+    if note:
+        st.caption(note)
     st.subheader("Per set, with 95% intervals")
     # Bars for the best in-band rows only: more groups than this are unreadable anyway.
     in_band = [r for r in view.rows if r.in_band]
     best = sorted(in_band, key=lambda r: r.rank or len(in_band))[:BAR_ROWS]
-    st.caption(f"The {len(best)} best-ranked rows in the band; the table has them all.")
-    st.plotly_chart(charts.per_set_bars(best, score_cols), key="per_set")
+    if best:
+        st.caption(f"The {len(best)} best-ranked rows in the band; the table has them all.")
+        st.plotly_chart(charts.per_set_bars(best, score_cols), key="per_set")
+    else:
+        st.info(view.band_note() or "No row is in the band.")
     for cost in ("step_time_s", "peak_memory_bytes"):
         if any(getattr(r, cost) is not None for r in view.rows):
             st.plotly_chart(charts.accuracy_vs_cost(view.rows, cost), key=f"cost_{cost}")
@@ -125,15 +143,19 @@ if not options.methods:
     )
     st.stop()
 
-with st.sidebar:
-    models = st.multiselect("Model", key="f_model", options=options.models)
-    suites = st.multiselect("Suite", key="f_suite", options=options.suites)
-    methods = st.multiselect("Method", key="f_method", options=options.methods)
-    protocols = st.multiselect("Protocol", key="f_protocol", options=options.protocols)
-    target = st.number_input(
-        "Target trainable parameters (0: none)", min_value=0, step=1000, key="f_target"
-    )
-    band = st.slider("Budget band (+/- %)", 1, 50, int(DEFAULT_BAND * 100), key="f_band") / 100
+with st.sidebar:  # kept: the filters outlive a visit to the Run or Jobs page
+    models = kept(st.multiselect, "f_model", [], options.models, label="Model")
+    suites = kept(st.multiselect, "f_suite", [], options.suites, label="Suite")
+    methods = kept(st.multiselect, "f_method", [], options.methods, label="Method")
+    protocols = kept(st.multiselect, "f_protocol", [], options.protocols, label="Protocol")
+    target = kept(
+        st.number_input, "f_target", 0, label="Target trainable parameters (0: none)",
+        min_value=0, step=1000,
+    )  # fmt: skip
+    band = kept(
+        st.slider, "f_band", int(DEFAULT_BAND * 100), label="Budget band (+/- %)",
+        min_value=1, max_value=BAND_MAX_PCT,
+    ) / 100  # fmt: skip
 
 filters = BoardFilters(
     models=tuple(models),

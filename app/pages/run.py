@@ -29,11 +29,14 @@ choices = run_choices(store)
 if not choices:
     st.info("No runs recorded yet: `moebench run ...` or `moebench sweep FILE` makes some.")
     st.stop()
-labels = dict(choices)
-ids = [i for i, _ in choices]
+labels = {i: label for i, label, _ in choices}
+ids = [i for i, _, _ in choices]
+done = [i for i, _, status in choices if status == "done"]
 wanted = st.query_params.get("run")
-start = ids.index(int(wanted)) if wanted and wanted.isdigit() and int(wanted) in ids else 0
-run_id = st.selectbox("Run", ids, index=start, format_func=labels.get, key="run_a")
+# The run in the link, else the newest finished one (a queued run has nothing to show yet).
+first = int(wanted) if wanted and wanted.isdigit() and int(wanted) in ids else (done or ids)[0]
+run_id = st.selectbox("Run", ids, index=ids.index(first), format_func=labels.get, key="run_a")
+st.query_params["run"] = str(run_id)  # the address names the run shown: a reload or a link keeps it
 run = db.get_run(store, run_id)
 artifacts = db.get_artifacts(store, run_id)
 
@@ -129,7 +132,7 @@ with tab_pred:
     st.caption(f"{len(rows)} items shown (first 2,000 at most)")
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="predictions")
 with tab_pair:
-    others = [i for i in ids if i != run_id]
+    others = [i for i in done if i != run_id] + [i for i in ids if i not in done and i != run_id]
     if not others:
         st.info("Only one run is stored.")
     else:

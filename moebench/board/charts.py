@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import plotly.colors
 import plotly.graph_objects as go
 
 from moebench.board.table import OVERALL, BoardRow
@@ -27,37 +28,67 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "hexagon")
+OUT_OF_BAND_OPACITY = 0.25
+PALETTE = plotly.colors.qualitative.Plotly
+FRONT_DASHES = ("dot", "dash", "dashdot", "longdash")
+
+
+def model_symbols(rows: Sequence[BoardRow]) -> dict[str, str]:
+    """The marker shape of each model on the Pareto chart (colour is the method's)."""
+    models = sorted({r.model for r in rows})
+    return {m: SYMBOLS[i % len(SYMBOLS)] for i, m in enumerate(models)}
+
+
 def accuracy_vs_params(rows: Sequence[BoardRow], column: str = OVERALL) -> go.Figure:
-    """Score against trainable parameters, one colour per method, a Pareto line per model."""
+    """Score against trainable parameters: colour by method, shape by model (`model_symbols`),
+    rows outside the budget band faded, and a Pareto line per comparison group (model and
+    suite, as the table ranks them)."""
     fig = go.Figure()
+    symbols = model_symbols(rows)
     by_method: dict[str, list[BoardRow]] = defaultdict(list)
     for r in rows:
         if r.trainable_params and column in r.scores:
             by_method[r.method].append(r)
-    for method, members in sorted(by_method.items()):
-        fig.add_scatter(
-            x=[r.trainable_params for r in members],
-            y=[100 * r.scores[column].mean for r in members],
-            error_y=_errors([r.scores[column] for r in members]),
-            mode="markers",
-            name=method,
-            text=[f"{r.model} / {r.suite}, {r.n_seeds} seeds" for r in members],
-        )
-    by_model: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for i, (method, members) in enumerate(sorted(by_method.items())):
+        colour = PALETTE[i % len(PALETTE)]  # fixed, so a method's faded points keep its colour
+        parts = [[r for r in members if r.in_band], [r for r in members if not r.in_band]]
+        for part, opacity in zip(parts, (1.0, OUT_OF_BAND_OPACITY), strict=True):
+            if not part:
+                continue
+            fig.add_scatter(
+                x=[r.trainable_params for r in part],
+                y=[100 * r.scores[column].mean for r in part],
+                error_y={**_errors([r.scores[column] for r in part]), "color": colour},
+                mode="markers",
+                name=method,
+                legendgroup=method,
+                showlegend=part is next(p for p in parts if p),
+                opacity=opacity,
+                marker={"symbol": [symbols[r.model] for r in part], "size": 9, "color": colour},
+                text=[f"{r.model} / {r.suite}, {r.n_seeds} seeds" for r in part],
+            )
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for members in by_method.values():
         for r in members:
-            by_model[r.model].append((r.trainable_params, 100 * r.scores[column].mean))
-    for model, points in sorted(by_model.items()):
+            groups[r.model, r.suite].append((r.trainable_params, 100 * r.scores[column].mean))
+    several_suites = len({suite for _, suite in groups}) > 1
+    for j, ((model, suite), points) in enumerate(sorted(groups.items())):
         front = pareto_front(points)
+        group = f"{model}, {suite}" if several_suites else model
         fig.add_scatter(
             x=[p[0] for p in front],
             y=[p[1] for p in front],
             mode="lines",
-            name=f"Pareto front ({model})",
-            line={"dash": "dot"},
+            name=f"Pareto front ({group})",
+            # Grey, told apart by dash: the methods' colours stay theirs alone.
+            line={"dash": FRONT_DASHES[j % len(FRONT_DASHES)], "color": "#555555", "width": 1.5},
         )
     fig.update_layout(
-        xaxis_title="trainable parameters", yaxis_title=f"{column} (%)", xaxis_type="log"
+        xaxis_title="trainable parameters",
+        yaxis_title=f"{column} (%)",
+        xaxis_type="log",
+        margin={"t": 30},
     )
     return fig
 

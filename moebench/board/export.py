@@ -16,14 +16,11 @@ from typing import Any
 
 from moebench.board.reference import ReferenceRow
 from moebench.board.table import Board, BoardRow
+from moebench.digits import fixed, pct
 from moebench.errors import ConfigError
 
 MEASURED = "measured"
 FORMATS = (".csv", ".md", ".tex", ".html")
-
-
-def _pct(x: float | None) -> float | None:
-    return None if x is None else round(100.0 * x, 4)
 
 
 def row_record(row: BoardRow, score_columns: Sequence[str]) -> dict[str, Any]:
@@ -44,13 +41,13 @@ def row_record(row: BoardRow, score_columns: Sequence[str]) -> dict[str, Any]:
     }
     for c in score_columns:
         s = row.scores.get(c)
-        rec[c] = _pct(s.mean) if s else None
-        rec[f"{c}_low"] = _pct(s.low) if s else None
-        rec[f"{c}_high"] = _pct(s.high) if s else None
+        rec[c] = pct(s.mean) if s else None
+        rec[f"{c}_low"] = pct(s.low) if s else None
+        rec[f"{c}_high"] = pct(s.high) if s else None
     p = row.vs_lora
-    rec["vs_lora"] = _pct(p.diff) if p else None
-    rec["vs_lora_low"] = _pct(p.low) if p else None
-    rec["vs_lora_high"] = _pct(p.high) if p else None
+    rec["vs_lora"] = pct(p.diff) if p else None
+    rec["vs_lora_low"] = pct(p.low) if p else None
+    rec["vs_lora_high"] = pct(p.high) if p else None
     rec["vs_lora_holds"] = p.holds if p else None
     rec["vs_lora_verdict"] = _verdict(p)
     rec["step_time_s"] = None if row.step_time_s is None else round(row.step_time_s, 6)
@@ -73,7 +70,7 @@ def reference_record(ref: ReferenceRow, fields: Sequence[str]) -> dict[str, Any]
     rec.update(method=ref.label, model=ref.model or "", source=ref.source)
     for c, v in ref.scores.items():
         if c in rec:
-            rec[c] = _pct(v)
+            rec[c] = pct(v)
     return rec
 
 
@@ -92,11 +89,12 @@ def records(
 _EMPTY = BoardRow("", "", "", "", (), (), None, None, None, {}, {})
 
 
-def to_csv(recs: list[dict[str, Any]]) -> str:
-    if not recs:
-        return ""
+def to_csv(recs: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The records as CSV; a view with no row is its header alone, so that a script reading
+    it still finds the columns."""
+    fields = list(recs[0]) if recs else list(row_record(_EMPTY, columns))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(recs[0]), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in recs)
     return buf.getvalue()
@@ -108,18 +106,18 @@ def paper_table(recs: list[dict[str, Any]], columns: Sequence[str]) -> list[list
     body = []
     for r in recs:
         cells = [str(r["rank"] or ""), str(r["method"]), str(r["model"])]
-        cells.append("" if r["pct_of_base"] is None else f"{r['pct_of_base']:.3f}")
+        cells.append("" if r["pct_of_base"] is None else fixed(r["pct_of_base"], 3))
         for c in columns:
             v, lo, hi = r.get(c), r.get(f"{c}_low"), r.get(f"{c}_high")
             if v is None:
                 cells.append("")
             elif lo is None or hi is None:
-                cells.append(f"{v:.2f}")
+                cells.append(fixed(v))
             else:
-                cells.append(f"{v:.2f} ± {(hi - lo) / 2:.2f}")
+                cells.append(f"{fixed(v)} ± {fixed((hi - lo) / 2)}")
         d = r.get("vs_lora")
         mark = "*" if r.get("vs_lora_holds") else ""
-        cells.append("" if d is None else f"{d:+.2f}{mark}")
+        cells.append("" if d is None else f"{fixed(d, sign=True)}{mark}")
         body.append(cells)
     return [head, *body]
 
@@ -183,7 +181,7 @@ def write_export(
             f"{', '.join(FORMATS)}."
         )
     if suffix == ".csv":
-        text = to_csv(recs)
+        text = to_csv(recs, columns)
     elif suffix == ".md":
         text = to_markdown(recs, columns)
     elif suffix == ".tex":

@@ -42,14 +42,14 @@ def filter_options(store: db.Store) -> FilterOptions:
         )
 
 
-def run_choices(store: db.Store) -> list[tuple[int, str]]:
-    """(id, label) of every run, newest first, for a run picker."""
+def run_choices(store: db.Store) -> list[tuple[int, str, str]]:
+    """(id, label, status) of every run, newest first, for a run picker."""
     stmt = select(RUNS.c.id, RUNS.c.method, RUNS.c.model, RUNS.c.seed, RUNS.c.status).order_by(
         RUNS.c.id.desc()
     )
     with store.session() as s:
         return [
-            (i, f"{i}: {method} on {model}, seed {seed} ({status})")
+            (i, f"{i}: {method} on {model}, seed {seed} ({status})", status)
             for i, method, model, seed, status in s.execute(stmt)
         ]
 

@@ -123,6 +123,22 @@ class Board:
     filters: BoardFilters
     resamples: int
 
+    def band_note(self) -> str | None:
+        """What to say when a target is set and no row is inside its band: the budgets that
+        are measured nearest to it, so that the reader knows which target or band to try."""
+        target = self.filters.target_params
+        if not target or any(r.in_band for r in self.rows):
+            return None
+        budgets = sorted({r.trainable_params for r in self.rows if r.trainable_params})
+        if not budgets:
+            return None
+        nearest = sorted(sorted(budgets, key=lambda b: abs(b - target))[:3])
+        return (
+            f"No row is within ±{self.filters.band:.0%} of {target:,} trainable parameters; "
+            f"the nearest measured budgets are {', '.join(f'{b:,}' for b in nearest)}. "
+            "Change the target or widen the band."
+        )
+
     def score_columns(self) -> list[str]:
         seen: dict[str, None] = {}
         for r in self.rows:

@@ -96,6 +96,10 @@ def export_bundle(store: Store, path: Path, run_ids: Sequence[int] | None = None
 
 
 def _read(path: Path) -> Iterable[dict[str, Any]]:
+    """The bundle's run lines; a bundle holding fewer runs than its header lists is refused
+    (at its end) as truncated."""
+    if path.is_dir():
+        raise ConfigError(f"Bundle {path} is a folder; give the file `moebench export` wrote.")
     if not path.is_file():
         raise ConfigError(
             f"Bundle {path} does not exist; `moebench export --bundle FILE` makes one."
@@ -110,8 +114,15 @@ def _read(path: Path) -> Iterable[dict[str, Any]]:
                     f"{path} is bundle version {header.get('version')}; this moebench reads "
                     f"version {VERSION}."
                 )
+            n = 0
             for text in f:
+                n += 1
                 yield json.loads(text)
+            if n != header.get("runs"):
+                raise ConfigError(
+                    f"{path} holds {n} of the {header.get('runs')} runs its header lists "
+                    "(truncated?); export it again."
+                )
     except (OSError, json.JSONDecodeError, EOFError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -128,8 +139,12 @@ def existing_identities(store: Store) -> set[str]:
 def import_bundle(store: Store, path: Path) -> tuple[int, int]:
     """Add the bundle's runs the store does not hold yet; returns (added, already there).
 
-    Each run and its records go in one transaction, so an interrupted import leaves whole runs.
+    The whole file is read once before anything is written, so a truncated or corrupt bundle
+    adds nothing; then each run and its records go in one transaction, so an interrupted
+    import leaves whole runs.
     """
+    for _ in _read(path):
+        pass
     known = existing_identities(store)
     added = skipped = 0
     for line in _read(path):
