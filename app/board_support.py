@@ -59,7 +59,7 @@ def _board(url: str, filters: BoardFilters, version: tuple[int, str]) -> Board:
     return build_board(_open(url), filters)
 
 
-_KEPT = "kept:"  # prefix of the plain session keys that mirror widget values
+_KEPT = "kept:"  # prefix of the plain session keys holding a reader's own widget choices
 
 
 def kept(
@@ -69,22 +69,39 @@ def kept(
     options: Sequence[Any] | None = None,
     **kwargs: Any,
 ) -> Any:
-    """`widget(key=key, ...)` drawn with the value it had when it was last drawn.
+    """`widget(key=key, ...)` showing the reader's own last choice, else `default`.
 
     Streamlit forgets a widget's value on any run that does not draw it: the Charts tab's runs
     skip the table's column picker, and the Run and Jobs pages skip the leaderboard's filters.
-    A plain session key is never forgotten, so the value is mirrored there and put back
-    before the widget is drawn (restricted to `options`, which may have changed since).
+    A plain session key is never forgotten, so the reader's choice is kept there, written by
+    the widget's change callback only. What the widget shows is that choice restricted to
+    today's `options`; entries a filter hid are kept, and come back when the filter is
+    cleared. Until the reader changes it, the widget follows `default`, which may move with
+    the view. The widget's own key is written only when what it should show differs from what
+    it holds, so an unchanged widget's value is never pushed back to the browser.
     """
     state = st.session_state
-    value = state.get(key, state.get(_KEPT + key, default))
+    wanted = state.get(_KEPT + key, default)
+    shown = _restricted(wanted, options, default)
+    if key not in state or state[key] != shown:
+        state[key] = shown
     if options is not None:
-        if isinstance(value, list):
-            value = [v for v in value if v in options]
-        elif value not in options:
-            value = default
         kwargs["options"] = options
-    state[key] = value
-    shown = widget(key=key, **kwargs)
-    state[_KEPT + key] = shown
-    return shown
+
+    def remember() -> None:
+        choice = state[key]
+        if isinstance(choice, list) and isinstance(wanted, list) and options is not None:
+            choice = choice + [v for v in wanted if v not in options]  # hidden, not dropped
+        state[_KEPT + key] = choice
+
+    return widget(key=key, on_change=remember, **kwargs)
+
+
+def _restricted(wanted: Any, options: Sequence[Any] | None, default: Any) -> Any:
+    """`wanted` as far as `options` allow: a list keeps the entries on offer, a single value
+    falls back to `default` when it is not on offer."""
+    if options is None:
+        return wanted
+    if isinstance(wanted, list):
+        return [v for v in wanted if v in options]
+    return wanted if wanted in options else default

@@ -122,8 +122,9 @@ def _export(url: str, filters: object, path: Path) -> None:
     charts = _html_charts(board) if path.suffix.lower() == ".html" else []
     write_export(path, records(board, rows=rows), board.score_columns(), charts)
     console.print(f"wrote {len(rows)} rows to {path}")
-    if board.band_note():
-        console.print(board.band_note())
+    note = board.band_note()
+    if note:
+        console.print(note)
 
 
 def _html_charts(board: object) -> list[str]:
@@ -143,12 +144,12 @@ def _html_charts(board: object) -> list[str]:
 
 def export_bundle_command(db: str | None, path: Path, run_ids: list[int] | None) -> None:
     """`moebench export --bundle FILE`: every record of the runs, for `moebench import`."""
+    from moebench.store import open_existing_store
     from moebench.store.bundle import export_bundle
-    from moebench.store.readonly import open_store_readonly
 
     output_file(path, "--bundle")
-    # Read-only: a mistyped --db is refused instead of created empty and exported as 0 runs.
-    with open_store_readonly(db) as store:
+    # An existing store only: a mistyped --db is refused, not created and exported as 0 runs.
+    with open_existing_store(db) as store:
         n = export_bundle(store, path, run_ids or None)
     console.print(f"wrote {n} runs to {path}")
 
@@ -160,8 +161,9 @@ def import_command(
 ) -> None:
     """Add a bundle's runs to the store; runs it already holds (same identity) are skipped."""
     from moebench.store import open_store
-    from moebench.store.bundle import import_bundle
+    from moebench.store.bundle import check_bundle, import_bundle
 
+    check_bundle(bundle)  # before the store is opened: a bad bundle creates no database
     with open_store(db) as store:
         added, skipped = import_bundle(store, bundle)
     console.print(f"imported {added} runs into {store.display_url}; {skipped} were already there")

@@ -12,19 +12,25 @@ rule, from the same percentage (`pct`) that the page is given.
 from __future__ import annotations
 
 import math
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
+
+# Enough digits for any float's exact value (a double has at most 767 significant digits).
+_EXACT = Context(prec=1100)
 
 
 def pct(fraction: float | None) -> float | None:
-    """A fraction as the percentage every view starts from (4 decimals: float noise gone)."""
-    return None if fraction is None else round(100.0 * fraction, 4)
+    """A fraction as the percentage every view starts from (4 decimals: float noise gone;
+    `+ 0.0` turns a negative zero, e.g. a difference of -1e-9, into 0.0)."""
+    return None if fraction is None else round(100.0 * fraction, 4) + 0.0
 
 
 def fixed(value: float, places: int = 2, *, sign: bool = False) -> str:
-    """`value` with `places` decimals, ties away from zero (as the page's grid writes it)."""
+    """`value` with `places` decimals, ties away from zero (as the page's grid writes it; a
+    negative zero is written as zero, as sprintf-js tests `value >= 0` for the sign)."""
     if not math.isfinite(value):
         return str(value)
-    rounded = Decimal(value).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    exact = Decimal(value + 0.0)
+    rounded = exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP, context=_EXACT)
     return f"{rounded:+.{places}f}" if sign else f"{rounded:.{places}f}"
 
 

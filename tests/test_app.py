@@ -312,15 +312,17 @@ def test_choices_outlive_the_charts_tab_and_other_pages(monkeypatch, seeded: Pat
     at = _app(monkeypatch, f"sqlite:///{seeded}")
     at.multiselect(key="f_method").set_value(["lora", "loracoe", "mixlora"]).run()
     at.number_input(key="f_target").set_value(10_000).run()
-    at.multiselect(key="t_columns").set_value(["method", "overall"]).run()
-    at.selectbox(key="t_sort").set_value("overall").run()
+    at.multiselect(key="t_columns").set_value(["method", "trainable_params", "overall"]).run()
+    at.selectbox(key="t_sort").set_value("method").run()
     expected = _frame(at, "overall")
-    assert list(expected.columns) == ["method", "overall"]
+    assert list(expected.columns) == ["method", "trainable_params", "overall"]
+    assert list(expected["method"]) == ["lora", "loracoe", "mixlora"]  # not the rank order
     at.session_state["view"] = "Charts"
     at.run()
     assert not at.dataframe
     at.session_state["view"] = "Table"
     at.run()
+    assert at.selectbox(key="t_sort").value == "method"
     assert _frame(at, "overall").equals(expected)
     at.switch_page("pages/jobs.py").run()
     at.switch_page("pages/leaderboard.py").run()
@@ -328,6 +330,24 @@ def test_choices_outlive_the_charts_tab_and_other_pages(monkeypatch, seeded: Pat
     assert at.multiselect(key="f_method").value == ["lora", "loracoe", "mixlora"]
     assert at.number_input(key="f_target").value == 10_000
     assert _frame(at, "overall").equals(expected)
+
+
+def test_columns_a_filter_hides_come_back_when_it_is_cleared(monkeypatch, seeded: Path) -> None:
+    """A protocol filter takes the math columns off the view; the reader's choice of them is
+    kept, not trimmed for good. Until the reader picks columns, the picker follows the view."""
+    at = _app(monkeypatch, f"sqlite:///{seeded}")
+    at.multiselect(key="f_protocol").set_value(["ifeval/greedy"]).run()
+    assert "math_avg" not in _frame(at, "overall").columns  # the default follows the view
+    at.multiselect(key="f_protocol").set_value([]).run()
+    assert "math_avg" in _frame(at, "overall").columns
+    at.multiselect(key="t_columns").set_value(["method", "math_avg", "overall"]).run()
+    at.selectbox(key="t_sort").set_value("math_avg").run()
+    at.multiselect(key="f_protocol").set_value(["ifeval/greedy"]).run()
+    assert list(_frame(at, "overall").columns) == ["method", "overall"]
+    assert at.selectbox(key="t_sort").value == "rank"
+    at.multiselect(key="f_protocol").set_value([]).run()
+    assert list(_frame(at, "overall").columns) == ["method", "math_avg", "overall"]
+    assert at.selectbox(key="t_sort").value == "math_avg"
 
 
 def test_a_target_with_no_row_in_its_band_names_the_nearest_budgets(

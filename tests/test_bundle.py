@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from moebench import store as db
 from moebench.cli import app
-from moebench.store.bundle import run_identity
+from moebench.errors import ConfigError
+from moebench.store.bundle import import_bundle, run_identity
 from tests.test_leaderboard_data import seed_store
 
 
@@ -119,10 +120,39 @@ def test_export_refuses_a_missing_store_and_a_missing_folder(tmp_path: Path) -> 
         app, ["export", "--db", str(nothere), "--bundle", str(tmp_path / "b.gz")]
     )
     assert result.exit_code != 0 and not nothere.exists() and not (tmp_path / "b.gz").exists()
-    assert "There is no results database at" in str(result.exception) + result.output
+    assert str(nothere) in str(result.exception) + result.output
     source = seed_store(tmp_path / "a.db")
     result = CliRunner().invoke(
         app, ["export", "--db", source, "--bundle", str(tmp_path / "no" / "b.gz")]
     )
     assert result.exit_code != 0
     assert f"the folder {tmp_path / 'no'} does not exist" in str(result.exception) + result.output
+
+
+def test_an_edited_bundle_adds_nothing_and_creates_no_store(tmp_path: Path) -> None:
+    """A line whose columns no longer match its identity (edited by hand), or that is not a
+    run line at all, is found before the store is opened: no run is added, no file made."""
+    import json
+
+    source = seed_store(tmp_path / "cluster.db")
+    bundle = tmp_path / "runs.bundle.gz"
+    _cli("export", "--db", source, "--bundle", str(bundle))
+    with gzip.open(bundle, "rt") as f:
+        lines = f.readlines()
+    for name, fault, message in (
+        ("edited", lambda line: {**line, "run": {**line["run"], "seed": 99}}, "edited?"),
+        ("malformed", lambda line: {"identity": line["identity"]}, "malformed"),
+    ):
+        bad = tmp_path / f"{name}.gz"
+        last = json.loads(lines[-1])
+        with gzip.open(bad, "wt") as f:
+            f.writelines([*lines[:-1], json.dumps(fault(last)) + "\n"])
+        target = tmp_path / f"{name}.db"
+        result = CliRunner().invoke(app, ["import", str(bad), "--db", str(target)])
+        assert result.exit_code != 0
+        assert message in str(result.exception) + result.output
+        assert not target.exists()
+        db.open_store(f"sqlite:///{target}").close()
+        with db.open_store(f"sqlite:///{target}") as store, pytest.raises(ConfigError):
+            import_bundle(store, bad)  # the library, called on its own, refuses it too
+        assert _runs_in(f"sqlite:///{target}") == 0

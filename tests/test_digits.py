@@ -40,6 +40,10 @@ def test_ties_go_away_from_zero_where_python_formatting_goes_to_even() -> None:
     assert fixed(-0.125) == "-0.13" and fixed(0.125, sign=True) == "+0.13"
     assert fixed(1.005) == "1.00"  # 1.005 is stored just below: not a tie
     assert fixed(float("nan")) == "nan"
+    assert fixed(-0.0) == "0.00" and fixed(-0.0, sign=True) == "+0.00"  # as the grid writes it
+    assert fixed(-0.001) == "-0.00"  # a small negative keeps its sign, as in sprintf-js
+    assert fixed(1e30) == "1000000000000000019884624838656.00"  # the exact binary value
+    assert pct(-1e-9) == 0.0 and str(pct(-1e-9)) == "0.0"
 
 
 def test_pct_text_starts_from_the_percentage_the_page_is_given() -> None:

@@ -406,6 +406,16 @@ def test_pareto_chart_tells_models_apart_and_fronts_follow_the_ranking_groups() 
         for method, params, score in (("lora", 10_000, 0.5), ("mixlora", 30_000, 0.6))
     ]
     rows[0].scores["overall"] = SeedSummary(1, 0.7, None, None, None)  # m-a/s-1: lora dominates
+    split = [row("loracoe", "m-a", "s-1", 10_100, 0.4, True)]  # one method on both sides
+    split.append(row("loracoe", "m-b", "s-1", 40_000, 0.3, False))
+    both = accuracy_vs_params(split)
+    parts = [t for t in both.data if t.mode == "markers"]
+    assert [(t.name, t.legendgroup, t.showlegend, t.opacity) for t in parts] == [
+        ("loracoe", "loracoe", True, 1.0),
+        ("loracoe", "loracoe", False, OUT_OF_BAND_OPACITY),
+    ]  # one legend entry; the faded part keeps the method's colour, bars included
+    assert parts[0].marker.color == parts[1].marker.color == parts[1].error_y.color
+    assert [list(t.x) for t in parts] == [[10_100], [40_000]]
     fig = accuracy_vs_params(rows)
     points = [t for t in fig.data if t.mode == "markers"]
     fronts = {t.name: list(zip(t.x, t.y, strict=True)) for t in fig.data if t.mode == "lines"}

@@ -141,6 +141,7 @@ def test_fixed_writes_what_the_browser_writes() -> None:
     """`moebench.digits.fixed` against the grid's own rule in chromium: Streamlit's dataframe
     formats `%.2f` with sprintf-js, whose `f` is JavaScript's `toFixed`."""
     values = [k / 8 for k in range(-400, 401)] + [1.005, 8.345, 0.285, -2.675, 99.995, 1e-7]
+    values += [-0.0, -0.001, -0.004, 0.004]  # the sign of zero and of what rounds to zero
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         page = browser.new_page()

@@ -72,6 +72,23 @@ def test_markdown_latex_html(seeded: Path, tmp_path: Path) -> None:
     )
 
 
+def test_a_band_with_no_row_is_explained_and_the_csv_keeps_its_header(
+    seeded: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["leaderboard", "--db", str(seeded), "--export", str(tmp_path / "v.md"),
+         "--target", "20k", "--band", "2.5"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    note = " ".join(result.output.split())
+    assert "No row is within ±2.5% of 20,000 trainable parameters" in note
+    assert "nearest measured budgets are 10,000, 10,200, 30,000" in note
+    empty = _export(seeded, tmp_path / "none.csv", "--model", "no-such-model")
+    assert empty.splitlines()[0].startswith("rank,method,model,suite,source")
+    assert len(empty.splitlines()) == 1
+
+
 def test_paper_tables_round_a_tie_as_the_page_does(seeded: Path, tmp_path: Path) -> None:
     """mixlora's math average is 48.125 (385/8): the page's grid writes 48.13 (toFixed, see
     test_leaderboard_browser), so the Markdown and LaTeX must too, not Python's even 48.12."""

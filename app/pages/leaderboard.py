@@ -12,7 +12,7 @@ from moebench.board.reference import chance_row, table1_rows
 from moebench.board.runs import filter_options
 from moebench.board.table import DEFAULT_BAND, OVERALL, Board, BoardFilters
 
-BAR_ROWS = 12
+BAR_ROWS = 10  # plotly's default palette has 10 colours: more bars would share them
 BAND_MAX_PCT = 99  # the widest band the slider offers; `--band` takes up to 99.x %
 
 
@@ -29,10 +29,15 @@ def main_table(view: Board, score_cols: list[str]) -> None:
         shown = kept(st.multiselect, "t_columns", default, list(frame.columns), label="Columns")
         sort_options = ["rank", *[c for c in shown if c != "rank"]]
         sort_by = kept(st.selectbox, "t_sort", "rank", sort_options, label="Sort by")
-    # In-band rows first; names and ranks ascending, scores descending.
+    # In-band rows first; names and ranks ascending, scores descending. Ranks count within a
+    # model and suite, so a rank sort keeps those groups together.
     ascending = sort_by in ("rank", "method", "model", "suite")
+    keys = ["in_band", "model", "suite", "rank"] if sort_by == "rank" else ["in_band", sort_by]
     frame = frame.sort_values(
-        ["in_band", sort_by], ascending=[False, ascending], na_position="last", kind="stable"
+        keys,
+        ascending=[False, *[ascending] * (len(keys) - 1)],
+        na_position="last",
+        kind="stable",
     )
     table = frame[shown].reset_index(drop=True)
     grey = frame["in_band"].tolist()
@@ -45,8 +50,9 @@ def main_table(view: Board, score_cols: list[str]) -> None:
         )
     )
     target = view.filters.target_params
-    if view.band_note():
-        st.warning(view.band_note())
+    note = view.band_note()
+    if note:
+        st.warning(note)
     elif target:
         st.caption(
             f"Compared: rows within ±{view.filters.band:.0%} of {target:,} trainable "
@@ -82,8 +88,11 @@ def _downloads(view: Board, score_cols: list[str]) -> None:
     """CSV of every row, Markdown and LaTeX of the in-band rows; each built when clicked."""
     in_band = [r for r in view.rows if r.in_band]
     row = st.container(horizontal=True)
-    row.download_button(
-        "CSV", lambda: to_csv(records(view), score_cols), "leaderboard.csv", "text/csv"
+    row.download_button(  # the grid's own download holds the shown columns only
+        "CSV, every column",
+        lambda: to_csv(records(view), score_cols),
+        "leaderboard.csv",
+        "text/csv",
     )
     row.download_button(
         "Markdown", lambda: to_markdown(records(view, rows=in_band), score_cols), "leaderboard.md"
@@ -114,7 +123,7 @@ def main_charts(view: Board, score_cols: list[str]) -> None:
     st.subheader("Accuracy against trainable parameters")
     st.plotly_chart(charts.accuracy_vs_params(view.rows), key="pareto")
     shapes = charts.model_symbols(view.rows)
-    note = "Faded: outside the budget band. " if view.filters.target_params else ""
+    note = "Faded: outside the budget band. " if not all(r.in_band for r in view.rows) else ""
     if len(shapes) > 1:
         note += "Marker shape by model: " + ", ".join(f"{m} {s}" for m, s in shapes.items()) + "."
     if note:

@@ -132,7 +132,10 @@ with tab_pred:
     st.caption(f"{len(rows)} items shown (first 2,000 at most)")
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="predictions")
 with tab_pair:
-    others = [i for i in done if i != run_id] + [i for i in ids if i not in done and i != run_id]
+    finished = set(done)  # finished runs first: a queued one has no items to compare
+    others = [i for i in done if i != run_id] + [
+        i for i in ids if i not in finished and i != run_id
+    ]
     if not others:
         st.info("Only one run is stored.")
     else:

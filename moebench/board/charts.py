@@ -126,7 +126,7 @@ def per_set_bars(rows: Sequence[BoardRow], columns: Sequence[str]) -> go.Figure:
             x=shown,
             y=[100 * r.scores[c].mean for c in shown],
             error_y=_errors([r.scores[c] for c in shown]),
-            name=f"{r.method} ({r.trainable_params or '?'} params)",
+            name=f"{r.method} ({f'{r.trainable_params:,}' if r.trainable_params else '?'} params)",
         )
     fig.update_layout(barmode="group", yaxis_title="score (%)")
     return fig

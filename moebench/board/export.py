@@ -20,6 +20,10 @@ from moebench.digits import fixed, pct
 from moebench.errors import ConfigError
 
 MEASURED = "measured"
+TABLE_NOTE = (
+    "Mean over seeds ± half the 95% t interval (no interval for one seed); "
+    "* : paired test against LoRA holds."
+)
 FORMATS = (".csv", ".md", ".tex", ".html")
 
 
@@ -102,10 +106,10 @@ def to_csv(recs: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 def paper_table(recs: list[dict[str, Any]], columns: Sequence[str]) -> list[list[str]]:
     """Header and cells of a paper-ready table: mean with its interval's half width."""
-    head = ["Rank", "Method", "Model", "Params (%)", *columns, "vs LoRA"]
+    head = ["Rank", "Method", "Model", "Seeds", "Params (%)", *columns, "vs LoRA"]
     body = []
     for r in recs:
-        cells = [str(r["rank"] or ""), str(r["method"]), str(r["model"])]
+        cells = [str(r["rank"] or ""), str(r["method"]), str(r["model"]), str(r["n_seeds"] or "")]
         cells.append("" if r["pct_of_base"] is None else fixed(r["pct_of_base"], 3))
         for c in columns:
             v, lo, hi = r.get(c), r.get(f"{c}_low"), r.get(f"{c}_high")
@@ -126,7 +130,7 @@ def to_markdown(recs: list[dict[str, Any]], columns: Sequence[str]) -> str:
     table = paper_table(recs, columns)
     lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table[1:]]
-    note = "\nMean over seeds ± half the 95% t interval; * : paired test against LoRA holds.\n"
+    note = f"\n{TABLE_NOTE}\n"
     return "\n".join(lines) + "\n" + note
 
 
@@ -164,9 +168,7 @@ def to_html(recs: list[dict[str, Any]], columns: Sequence[str], charts: Sequence
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>moebench leaderboard</title>"
         f"<style>{style}</style></head><body><h1>moebench leaderboard</h1>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        "<p>Mean over seeds ± half the 95% t interval; * : paired test against LoRA holds.</p>"
-        + "".join(charts)
-        + "</body></html>"
+        f"<p>{html.escape(TABLE_NOTE)}</p>" + "".join(charts) + "</body></html>"
     )
 
 

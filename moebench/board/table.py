@@ -134,7 +134,7 @@ class Board:
             return None
         nearest = sorted(sorted(budgets, key=lambda b: abs(b - target))[:3])
         return (
-            f"No row is within ±{self.filters.band:.0%} of {target:,} trainable parameters; "
+            f"No row is within ±{100 * self.filters.band:g}% of {target:,} trainable parameters; "
             f"the nearest measured budgets are {', '.join(f'{b:,}' for b in nearest)}. "
             "Change the target or widen the band."
         )

@@ -136,22 +136,42 @@ def existing_identities(store: Store) -> set[str]:
         return {run_identity(dict(r)) for r in rows}
 
 
+def check_bundle(path: Path) -> int:
+    """Read the whole bundle and check every run line (shape, dates, identity) without a
+    store; returns how many runs it holds. A `ConfigError` names the first fault."""
+    n = 0
+    for line in _read(path):
+        _checked(line, path)
+        n += 1
+    return n
+
+
+def _checked(line: Any, path: Path) -> tuple[str, dict[str, Any]]:
+    """(identity, typed run row) of one bundle line, or a `ConfigError` saying what is wrong."""
+    try:
+        identity, run = line["identity"], _typed(line["run"])
+        for key in CHILDREN:
+            for row in line.get(key, []):
+                _typed(row)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: a run line is malformed ({type(e).__name__}: {e}).") from e
+    if run_identity(run) != identity:
+        raise ConfigError(f"{path}: a run's identity does not match its columns (edited?).")
+    return identity, run
+
+
 def import_bundle(store: Store, path: Path) -> tuple[int, int]:
     """Add the bundle's runs the store does not hold yet; returns (added, already there).
 
-    The whole file is read once before anything is written, so a truncated or corrupt bundle
-    adds nothing; then each run and its records go in one transaction, so an interrupted
-    import leaves whole runs.
+    The whole file is checked (`check_bundle`) before anything is written, so a truncated,
+    corrupt or edited bundle adds nothing; then each run and its records go in one
+    transaction, so an interrupted import leaves whole runs.
     """
-    for _ in _read(path):
-        pass
+    check_bundle(path)
     known = existing_identities(store)
     added = skipped = 0
     for line in _read(path):
-        identity = line["identity"]
-        run = _typed(line["run"])
-        if run_identity(run) != identity:
-            raise ConfigError(f"{path}: a run's identity does not match its columns (edited?).")
+        identity, run = _checked(line, path)
         if identity in known:
             skipped += 1
             continue
