@@ -21,6 +21,7 @@ from moebench.cli_progress import ProgressObserver, progress_bars
 from moebench.config import load_file, parse_sets
 from moebench.digits import pct_text
 from moebench.errors import ConfigError, MoebenchError
+from moebench.paths import output_file
 
 app = typer.Typer(
     help="moebench: one harness for LoRA mixture-of-experts methods.",
@@ -667,6 +668,8 @@ def export(
             f"would be ignored with --format {fmt}; use --format json --predictions."
         )
 
+    if out is not None:
+        output_file(out, "--out")
     text = store.export_runs(
         store.open_existing_store(db), run_ids or None, fmt, out, include_predictions=predictions
     )

@@ -165,5 +165,5 @@ def import_command(
 
     check_bundle(bundle)  # before the store is opened: a bad bundle creates no database
     with open_store(db) as store:
-        added, skipped = import_bundle(store, bundle)
+        added, skipped = import_bundle(store, bundle, checked=True)
     console.print(f"imported {added} runs into {store.display_url}; {skipped} were already there")

@@ -27,15 +27,15 @@ def cache_dir() -> Path:
 
 
 def output_file(path: Path, option: str) -> Path:
-    """`path`, checked before anything is computed: a file can be written there only if its
-    folder exists and it is not itself a folder (`option` names the flag in the message)."""
+    """`path`, ready to be written before anything is computed: refused in one sentence if it
+    is a folder; its folder made if missing, as `moebench export --out` has always done
+    (`option` names the flag in the message)."""
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder; give a file name inside it.")
-    if not path.parent.is_dir():
-        raise ConfigError(
-            f"{option} {path}: the folder {path.parent} does not exist; create it or give a "
-            "path in an existing folder."
-        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot make its folder ({e.strerror}).") from e
     return path
 
 

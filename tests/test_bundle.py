@@ -113,8 +113,9 @@ def test_a_truncated_bundle_adds_nothing(tmp_path: Path, cut: str) -> None:
     assert _runs_in(target) == 0
 
 
-def test_export_refuses_a_missing_store_and_a_missing_folder(tmp_path: Path) -> None:
-    """A mistyped --db is not created (and exported as 0 runs); a missing folder is named."""
+def test_export_refuses_a_missing_store_and_a_folder_path(tmp_path: Path) -> None:
+    """A mistyped --db is not created (and exported as 0 runs); a folder given as the bundle
+    is one sentence; a missing folder is made, as `moebench export --out` makes it."""
     nothere = tmp_path / "nothere.db"
     result = CliRunner().invoke(
         app, ["export", "--db", str(nothere), "--bundle", str(tmp_path / "b.gz")]
@@ -122,11 +123,15 @@ def test_export_refuses_a_missing_store_and_a_missing_folder(tmp_path: Path) -> 
     assert result.exit_code != 0 and not nothere.exists() and not (tmp_path / "b.gz").exists()
     assert str(nothere) in str(result.exception) + result.output
     source = seed_store(tmp_path / "a.db")
-    result = CliRunner().invoke(
-        app, ["export", "--db", source, "--bundle", str(tmp_path / "no" / "b.gz")]
-    )
+    result = CliRunner().invoke(app, ["export", "--db", source, "--bundle", str(tmp_path)])
     assert result.exit_code != 0
-    assert f"the folder {tmp_path / 'no'} does not exist" in str(result.exception) + result.output
+    assert f"--bundle {tmp_path} is a folder" in str(result.exception) + result.output
+    result = CliRunner().invoke(app, ["export", "--db", source, "--out", str(tmp_path)])
+    assert f"--out {tmp_path} is a folder" in str(result.exception) + result.output
+    _cli("export", "--db", source, "--bundle", str(tmp_path / "no" / "b.gz"))
+    assert "imported" in _cli(
+        "import", str(tmp_path / "no" / "b.gz"), "--db", str(tmp_path / "c.db")
+    )
 
 
 def test_an_edited_bundle_adds_nothing_and_creates_no_store(tmp_path: Path) -> None:

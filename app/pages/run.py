@@ -133,9 +133,7 @@ with tab_pred:
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="predictions")
 with tab_pair:
     finished = set(done)  # finished runs first: a queued one has no items to compare
-    others = [i for i in done if i != run_id] + [
-        i for i in ids if i not in finished and i != run_id
-    ]
+    others = sorted((i for i in ids if i != run_id), key=lambda i: i not in finished)
     if not others:
         st.info("Only one run is stored.")
     else:

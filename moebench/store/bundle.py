@@ -146,8 +146,8 @@ def check_bundle(path: Path) -> int:
     return n
 
 
-def _checked(line: Any, path: Path) -> tuple[str, dict[str, Any]]:
-    """(identity, typed run row) of one bundle line, or a `ConfigError` saying what is wrong."""
+def _checked(line: Any, path: Path) -> None:
+    """Nothing, or a `ConfigError` saying what is wrong with one bundle line."""
     try:
         identity, run = line["identity"], _typed(line["run"])
         for key in CHILDREN:
@@ -157,21 +157,22 @@ def _checked(line: Any, path: Path) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{path}: a run line is malformed ({type(e).__name__}: {e}).") from e
     if run_identity(run) != identity:
         raise ConfigError(f"{path}: a run's identity does not match its columns (edited?).")
-    return identity, run
 
 
-def import_bundle(store: Store, path: Path) -> tuple[int, int]:
+def import_bundle(store: Store, path: Path, *, checked: bool = False) -> tuple[int, int]:
     """Add the bundle's runs the store does not hold yet; returns (added, already there).
 
-    The whole file is checked (`check_bundle`) before anything is written, so a truncated,
-    corrupt or edited bundle adds nothing; then each run and its records go in one
-    transaction, so an interrupted import leaves whole runs.
+    The whole file is checked (`check_bundle`, skipped where the caller has just run it:
+    `checked`) before anything is written, so a truncated, corrupt or edited bundle adds
+    nothing; then each run and its records go in one transaction, so an interrupted import
+    leaves whole runs.
     """
-    check_bundle(path)
+    if not checked:
+        check_bundle(path)
     known = existing_identities(store)
     added = skipped = 0
     for line in _read(path):
-        identity, run = _checked(line, path)
+        identity, run = line["identity"], _typed(line["run"])
         if identity in known:
             skipped += 1
             continue
