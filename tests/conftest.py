@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moebench.data import Example
+from moebench.errors import MoebenchError
 from moebench.inject import Adapted, prepare_and_inject
 from moebench.method import METHODS, PrepareContext, get_method
 from moebench.models import load_model
@@ -86,6 +87,25 @@ def _quiet_settings_stay_in_their_test() -> Iterator[None]:
     _restore_quiet_settings()
     yield
     _restore_quiet_settings()
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """`moebench ARGS` in-process, ended as `moebench.cli.main` ends it: (exit code, what the user
+    reads). A `MoebenchError` is the one line main prints; any other exception is a bug and
+    re-raises, so a case that would print a traceback fails its test. In-process because a fresh
+    interpreter costs about 5 s of torch and transformers imports per command; the real-command
+    cases (`tests/test_cli.py`, `test_the_real_command_prints_one_line`) keep the subprocess."""
+    from typer.testing import CliRunner
+
+    from moebench.cli import app
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200", **(env or {})})
+    error = result.exception
+    if isinstance(error, MoebenchError):
+        return error.exit_code, str(error)
+    if error is not None and not isinstance(error, SystemExit):
+        raise error
+    return result.exit_code, result.output
 
 
 @pytest.fixture

@@ -22,19 +22,16 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import pytest
-from typer.testing import CliRunner
 
-from moebench.cli import app
-from moebench.errors import MoebenchError
 from moebench.evaluate import EvalConfig
 from moebench.method import METHODS
 from moebench.mixture import DataConfig
 from moebench.suites import SUITES
 from moebench.task import TASKS
 from moebench.train import TrainConfig
+from tests.conftest import invoke
 from tests.test_cli import moebench
 
-RUNNER = CliRunner()
 TINY_RUN = [
     "--model",
     "tiny-llama",
@@ -266,17 +263,6 @@ def _cases() -> list[Case]:
         for c in _config_cases() + _name_cases()
     ]
     return run_cases + _flag_cases()
-
-
-def invoke(args: list[str]) -> tuple[int, str]:
-    """(exit code, what the user reads) as `moebench.cli.main` would end; a bug re-raises."""
-    result = RUNNER.invoke(app, args)
-    error = result.exception
-    if isinstance(error, MoebenchError):
-        return error.exit_code, str(error)
-    if error is not None and not isinstance(error, SystemExit):
-        raise error
-    return result.exit_code, result.output
 
 
 def snapshot(db_file: Path, out_root: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from moebench import store
 from moebench.cli import app
-from tests.conftest import as_from_a_terminal, shared_data_or_skip
+from tests.conftest import as_from_a_terminal, invoke, shared_data_or_skip
 
 TINY = [
     "--model",
@@ -126,8 +126,12 @@ def test_a_piped_run_prints_a_plain_line_every_few_seconds_and_v_shows_library_w
 
 def test_a_bad_progress_interval_is_one_sentence(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'r.db'}"
-    r = moebench("run", *TINY, "--db", db, cwd=tmp_path, env={"MOEBENCH_PROGRESS_EVERY": "soon"})
-    _one_clean_error(r, "MOEBENCH_PROGRESS_EVERY='soon' is not a number of seconds", ">= 0")
+    _refused(
+        ["run", *TINY, "--db", db],
+        "MOEBENCH_PROGRESS_EVERY='soon' is not a number of seconds",
+        ">= 0",
+        env={"MOEBENCH_PROGRESS_EVERY": "soon"},
+    )
 
 
 def _one_clean_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -136,6 +140,24 @@ def _one_clean_error(r: subprocess.CompletedProcess[str], *needles: str) -> None
     message = " ".join(r.stderr.split())
     for needle in needles:
         assert needle in message, message
+
+
+def _refused(args: list[str], *needles: str, env: dict[str, str] | None = None) -> None:
+    """In-process, `moebench ARGS` ends non-zero with the one line `main` prints (a traceback
+    re-raises in `invoke`), holding every needle."""
+    code, message = invoke(args, env)
+    text = " ".join(message.split())
+    assert code != 0, text
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """In-process commands run from a scratch folder, as the subprocess ones do: a command
+    without --db would otherwise touch the checkout's results/."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.mark.parametrize(
@@ -159,8 +181,9 @@ def _one_clean_error(r: subprocess.CompletedProcess[str], *needles: str) -> None
     ],
 )
 def test_bad_input_gives_one_sentence_and_keeps_the_store(
-    tmp_path: Path, args: list[str], needles: list[str]
+    in_tmp: Path, args: list[str], needles: list[str]
 ) -> None:
+    tmp_path = in_tmp
     db = f"sqlite:///{tmp_path / 'keep.db'}"
     s = store.open_store(db)
     keep = store.create_run(
@@ -177,17 +200,16 @@ def test_bad_input_gives_one_sentence_and_keeps_the_store(
         output_dir=None,
         status="done",
     )
-    r = moebench(
-        "run", "--model", "tiny-llama", *args, "--db", db, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}
+    _refused(
+        ["run", "--model", "tiny-llama", *args, "--db", db], *needles, env={"HF_HUB_OFFLINE": "1"}
     )
-    _one_clean_error(r, *needles)
     assert store.get_run(s, keep)["status"] == "done"
 
 
-def test_malformed_config_file(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.json"
+def test_malformed_config_file(in_tmp: Path) -> None:
+    cfg = in_tmp / "c.json"
     cfg.write_text('{"train": {"lr": 1e-4,}')
-    _one_clean_error(moebench("run", "--config", str(cfg), cwd=tmp_path), "c.json", "malformed")
+    _refused(["run", "--config", str(cfg)], "c.json", "malformed")
 
 
 def test_malformed_data_file_fails_and_is_recorded_without_traceback(tmp_path: Path) -> None:
@@ -268,25 +290,26 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
     assert run["resumed_from_step"] is not None
 
 
-def test_listing_commands(tmp_path: Path) -> None:
-    r = moebench("methods", cwd=tmp_path)
-    assert r.returncode == 0 and "rank" in r.stdout and "target_modules" in r.stdout
-    r = moebench("models", cwd=tmp_path)
-    assert r.returncode == 0 and "qwen2-0.5b" in r.stdout and "Qwen/Qwen2-0.5B" in r.stdout
-    r = moebench("tasks", cwd=tmp_path)
-    assert r.returncode == 0 and "gsm8k" in r.stdout and "mini" in r.stdout
+def test_listing_commands(in_tmp: Path) -> None:
+    code, out = invoke(["methods"])
+    assert code == 0 and "rank" in out and "target_modules" in out
+    code, out = invoke(["models"])
+    assert code == 0 and "qwen2-0.5b" in out and "Qwen/Qwen2-0.5B" in out
+    code, out = invoke(["tasks"])
+    assert code == 0 and "gsm8k" in out and "mini" in out
 
 
-def test_export_and_runs_show(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'e.db'}"
-    assert moebench("run", *TINY, "--db", db, cwd=tmp_path).returncode == 0
-    r = moebench("export", "--db", db, "--format", "json", cwd=tmp_path)
-    assert r.returncode == 0
-    (run,) = json.loads(r.stdout)
+def test_export_and_runs_show(in_tmp: Path) -> None:
+    db = f"sqlite:///{in_tmp / 'e.db'}"
+    code, out = invoke(["run", *TINY, "--db", db])
+    assert code == 0, out
+    code, out = invoke(["export", "--db", db, "--format", "json"])
+    assert code == 0
+    (run,) = json.loads(out)
     assert any(m["task"] == "gsm8k" for m in run["metrics"])
-    r = moebench("runs", "show", str(run["id"]), "--config", "--db", db, cwd=tmp_path)
-    assert json.loads(r.stdout)["model"] == "tiny-llama"
-    _one_clean_error(moebench("runs", "show", "99", "--db", db, cwd=tmp_path), "No run with id 99")
+    code, out = invoke(["runs", "show", str(run["id"]), "--config", "--db", db])
+    assert code == 0 and json.loads(out)["model"] == "tiny-llama"
+    _refused(["runs", "show", "99", "--db", db], "No run with id 99")
 
 
 def test_a_third_party_method_registers_through_the_entry_point(tmp_path: Path) -> None:
@@ -313,11 +336,14 @@ def test_a_third_party_method_registers_through_the_entry_point(tmp_path: Path) 
     assert store.list_runs(store.open_store(db))[0]["method"] == "qv-lora"
 
 
-def test_resume_refuses_flags_it_would_ignore(tmp_path: Path) -> None:
-    r = moebench("run", "--resume", "1", "--max-steps", "9", cwd=tmp_path)
-    _one_clean_error(
-        r, "--resume continues run 1 under its stored config", "--max-steps", "--rerun"
+def test_resume_refuses_flags_it_would_ignore(in_tmp: Path) -> None:
+    _refused(
+        ["run", "--resume", "1", "--max-steps", "9"],
+        "--resume continues run 1 under its stored config",
+        "--max-steps",
+        "--rerun",
     )
+    assert not (in_tmp / "results").exists()  # refused before any store was opened
 
 
 def test_sigterm_marks_the_run_interrupted_too(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ from moebench.models import load_model, model_config
 from moebench.runner import RunEnv, execute, resume
 from moebench.runspec import resolve
 from moebench.train import StepLog, TrainConfig, TrainHooks, train
-from tests.conftest import METHOD_NAMES, adapt, synthetic_examples
-from tests.test_cli import TINY, moebench
+from tests.conftest import METHOD_NAMES, adapt, invoke, synthetic_examples
+from tests.test_cli import TINY
 from tests.test_train import _examples, _rows
 
 
@@ -78,10 +78,10 @@ def test_moebench_run_trains_scores_and_stores_router_statistics(
     method: str, tmp_path: Path
 ) -> None:
     db = f"sqlite:///{tmp_path / 'r.db'}"
-    r = moebench(
-        "run", "--method", method, *TINY, "--set", "train.stats_every=2", "--db", db, cwd=tmp_path
-    )
-    assert r.returncode == 0, r.stderr
+    out_dir = str(tmp_path / "runs")
+    args = ["run", "--method", method, *TINY, "--set", "train.stats_every=2", "--db", db]
+    code, out = invoke([*args, "--output-dir", out_dir])  # in-process: test_cli runs the real one
+    assert code == 0, out
     s = store.open_store(db)
     (run,) = store.list_runs(s)
     assert run["status"] == "done" and run["method"] == method
@@ -117,10 +117,9 @@ def test_shipped_moe_methods_report_router_statistics(method: str) -> None:
 
 def test_run_budget_stores_target_and_achieved_counts(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'b.db'}"
-    r = moebench(
-        "run", "--method", "loracoe", "--budget", "lora:r=16", *TINY, "--db", db, cwd=tmp_path
-    )
-    assert r.returncode == 0, r.stderr
+    args = ["run", "--method", "loracoe", "--budget", "lora:r=16", *TINY, "--db", db]
+    code, out = invoke([*args, "--output-dir", str(tmp_path / "runs")])
+    assert code == 0, out
     s = store.open_store(db)
     (run,) = store.list_runs(s)
     budget = store.get_artifacts(s, run["id"])["budget"]
