@@ -124,8 +124,8 @@ def test_a_piped_run_prints_a_plain_line_every_few_seconds_and_v_shows_library_w
     assert "is deprecated" in (tmp_path / "stderr").read_text()
 
 
-def test_a_bad_progress_interval_is_one_sentence(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'r.db'}"
+def test_a_bad_progress_interval_is_one_sentence(in_tmp: Path) -> None:
+    db = f"sqlite:///{in_tmp / 'r.db'}"
     _refused(
         ["run", *TINY, "--db", db],
         "MOEBENCH_PROGRESS_EVERY='soon' is not a number of seconds",
@@ -183,8 +183,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_bad_input_gives_one_sentence_and_keeps_the_store(
     in_tmp: Path, args: list[str], needles: list[str]
 ) -> None:
-    tmp_path = in_tmp
-    db = f"sqlite:///{tmp_path / 'keep.db'}"
+    db = f"sqlite:///{in_tmp / 'keep.db'}"
     s = store.open_store(db)
     keep = store.create_run(
         s,
