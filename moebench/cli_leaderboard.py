@@ -92,13 +92,15 @@ def leaderboard(
     os.execve(sys.executable, command, env)
 
 
-def streamlit_command(entry: Path, port: int, address: str) -> list[str]:
+def streamlit_command(
+    entry: Path, port: int, address: str, *, module: str = "moebench.board.serve"
+) -> list[str]:
     """The Streamlit server for `entry`: headless, no usage stats, and the toolbar a reader
     needs (no Deploy or cache buttons: whoever opens the board reads it, never develops it).
-    The leaderboard's benchmark serves its floor page with the same flags, so the two are
-    timed alike."""
+    `module` is the board's warm start (moebench/board/serve.py), or "streamlit" for a page
+    served cold: the leaderboard's benchmark serves its floor page so, with the same flags."""
     return [
-        sys.executable, "-m", "streamlit", "run", str(entry),
+        sys.executable, "-m", module, "run", str(entry),
         "--server.port", str(port), "--server.address", address,
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "viewer",

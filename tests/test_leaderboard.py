@@ -385,6 +385,31 @@ def test_row_cache_keeps_rows_apart_per_protocol_filter(seeded: Path) -> None:
     assert "ifeval" not in fresh.score_columns() and "boolq" in fresh.score_columns()
 
 
+def test_warm_start_builds_the_rows_the_page_then_reuses(
+    seeded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`moebench leaderboard`'s warm-up (moebench/board/serve.py) caches every row of the
+    default view, so the page's first build makes none; a store it cannot open is left alone."""
+    from moebench.board import serve
+    from moebench.board.row_cache import ROWS
+
+    url = f"sqlite:///{seeded}"
+    ROWS.clear()
+    serve.build_rows(url)
+    made: list[object] = []
+    put = ROWS.put
+    monkeypatch.setattr(ROWS, "put", lambda *a: (made.append(a[0]), put(*a)))
+    with open_store_readonly(url) as store:
+        warm = build_board(store, BoardFilters())
+        assert made == []
+        ROWS.clear()
+        cold = build_board(store, BoardFilters())
+    assert warm == cold and len(made) == len(cold.rows) > 0
+    missing = tmp_path / "none.db"
+    serve.build_rows(f"sqlite:///{missing}")  # logged, not raised; the page explains it
+    assert not missing.exists()
+
+
 def test_pareto_chart_tells_models_apart_and_fronts_follow_the_ranking_groups() -> None:
     """Shape by model, faded outside the band, one front per (model, suite): the groups the
     table ranks within, so a front never mixes suites."""
