@@ -410,6 +410,25 @@ def test_warm_start_builds_the_rows_the_page_then_reuses(
     assert not missing.exists()
 
 
+def test_warm_start_imports_the_modules_the_pages_import(tmp_path: Path) -> None:
+    """Read from the scripts: modules, and submodules named in `from` imports; not the names
+    a module exports, the app's own helpers, imports inside functions or `__future__`."""
+    from moebench.board.serve import page_modules
+
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "entry.py").write_text("from __future__ import annotations\nimport json\n")
+    (tmp_path / "helper.py").write_text("import csv, email.mime\n")
+    (tmp_path / "pages" / "one.py").write_text(
+        "from helper import x\nfrom moebench.board import charts, reference\n"
+        "from moebench.board.table import build_board\n"
+        "def f():\n    import tomllib\n"
+    )
+    assert page_modules(tmp_path / "entry.py") == [
+        "json", "csv", "email.mime", "moebench.board", "moebench.board.charts",
+        "moebench.board.reference", "moebench.board.table",
+    ]  # fmt: skip
+
+
 def test_pareto_chart_tells_models_apart_and_fronts_follow_the_ranking_groups() -> None:
     """Shape by model, faded outside the band, one front per (model, suite): the groups the
     table ranks within, so a front never mixes suites."""
